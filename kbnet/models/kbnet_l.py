@@ -1,0 +1,175 @@
+"""KBNet_l: the Restormer-style U-Net of KBNet, used for deraining and defocus deblurring (spec §1.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kbnet.models.layers import KernelBasisAttention, LayerNorm2d, SimpleGate, kernel_bases, pad_to_multiple
+
+SIZE_MULTIPLE = 8
+"""Three PixelUnshuffle(2) downsamplings need H and W divisible by 8."""
+
+
+class MFF(nn.Module):
+    """Multi-axis feature fusion of KBNet_l: GELU(spatial conv) × KBA(enhanced feature) × channel attention."""
+
+    def __init__(self, dim: int, ffn_expansion_factor: float = 1.5, bias: bool = False, nset: int = 32,
+                 kernel_size: int = 3, group_channels: int = 2) -> None:
+        super().__init__()
+        hidden = int(dim * ffn_expansion_factor)
+        if hidden % group_channels:
+            raise ValueError(f"MFF: hidden channels {hidden} not divisible by group_channels {group_channels}")
+        interc = min(dim, 24)
+        self.w, self.b = kernel_bases(nset, hidden, group_channels, kernel_size)
+        self.attgamma = nn.Parameter(torch.full((1, nset, 1, 1), 1e-2))
+        self.ga1 = nn.Parameter(torch.full((1, hidden, 1, 1), 1e-2))
+        self.dwconv = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=bias),
+                                    nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias))
+        self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, hidden, 1, bias=True))
+        self.conv1 = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=bias),
+                                   nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias))
+        self.conv2 = nn.Sequential(nn.Conv2d(dim, interc, 3, padding=1, groups=interc, bias=True), SimpleGate(),
+                                   nn.Conv2d(interc // 2, nset, 1, bias=True))
+        self.conv211 = nn.Conv2d(dim, nset, 1, bias=True)
+        self.kba = KernelBasisAttention(kernel_size, hidden // group_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sca = self.sca(x)
+        x1 = self.dwconv(x)
+        att = self.conv2(x) * self.attgamma + self.conv211(x)
+        uf = self.conv1(x)
+        x2 = self.kba(uf, att, self.w, self.b) * self.ga1 + uf
+        return self.project_out(F.gelu(x1) * x2 * sca)
+
+
+class TransAttention(nn.Module):
+    """Restormer's multi-Dconv head transposed attention: a C×C attention map per head, linear in H·W."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = False) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"TransAttention: dim {dim} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, 3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        return self.project_out((attn @ v).reshape(b, c, h, w))
+
+
+class KBBlockL(nn.Module):
+    """``x + MFF(LN(x))`` then ``x + MDTA(LN(x))``; the official names are swapped (``attn`` is the MFF)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float = 1.5, bias: bool = False,
+                 nset: int = 32, kernel_size: int = 3, group_channels: int = 2) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = MFF(dim, ffn_expansion_factor, bias, nset, kernel_size, group_channels)
+        self.norm2 = LayerNorm2d(dim)
+        self.ffn = TransAttention(dim, num_heads, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class OverlapPatchEmbed(nn.Module):
+    def __init__(self, in_channels: int, dim: int, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """3×3 conv to C/2 then PixelUnshuffle(2): C → 2C at half resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """3×3 conv to 2C then PixelShuffle(2): C → C/2 at double resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class KBNetL(nn.Module):
+    """KBNet_l: Restormer's 4-level U-Net with concatenation skips, built from ``KBBlockL``.
+
+    The official network needs H and W divisible by 8; this one reflect-pads right/bottom to a multiple of 8 (as the
+    official test scripts do outside the network) and crops the result, so any size works and multiples of 8 give
+    exactly the official output. The global residual needs ``inp_channels == out_channels`` and is left out
+    otherwise (the official network always adds it).
+    """
+
+    def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
+                 num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
+                 heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 1.5, bias: bool = False,
+                 nset: int = 32, kernel_size: int = 3, group_channels: int = 2) -> None:
+        super().__init__()
+        if len(num_blocks) != 4 or len(heads) != 4:
+            raise ValueError(f"KBNetL: num_blocks {list(num_blocks)} and heads {list(heads)} need 4 entries "
+                             "(three encoder levels and the latent level)")
+
+        def level(ch: int, n: int, nh: int) -> nn.Sequential:
+            return nn.Sequential(*[KBBlockL(ch, nh, ffn_expansion_factor, bias, nset, kernel_size, group_channels)
+                                   for _ in range(n)])
+
+        self.patch_embed = OverlapPatchEmbed(inp_channels, dim, bias)
+        self.encoder_level1 = level(dim, num_blocks[0], heads[0])
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = level(dim * 2, num_blocks[1], heads[1])
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = level(dim * 4, num_blocks[2], heads[2])
+        self.down3_4 = Downsample(dim * 4)
+        self.latent = level(dim * 8, num_blocks[3], heads[3])
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
+        self.decoder_level3 = level(dim * 4, num_blocks[2], heads[2])
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=bias)
+        self.decoder_level2 = level(dim * 2, num_blocks[1], heads[1])
+        self.up2_1 = Upsample(dim * 2)
+        self.decoder_level1 = level(dim * 2, num_blocks[0], heads[0])
+        self.refinement = level(dim * 2, num_refinement_blocks, heads[0])
+        self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
+        self.residual = inp_channels == out_channels
+
+    def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
+        h, w = inp_img.shape[-2:]
+        inp = pad_to_multiple(inp_img, SIZE_MULTIPLE, "reflect")
+        enc1 = self.encoder_level1(self.patch_embed(inp))
+        enc2 = self.encoder_level2(self.down1_2(enc1))
+        enc3 = self.encoder_level3(self.down2_3(enc2))
+        latent = self.latent(self.down3_4(enc3))
+        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], 1)))
+        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], 1)))
+        dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], 1))
+        out = self.output(self.refinement(dec1))
+        if self.residual:
+            out = out + inp
+        return out[:, :, :h, :w]

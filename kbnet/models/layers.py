@@ -1,0 +1,86 @@
+"""Building blocks shared by both KBNet backbones."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kbnet.ops import kba
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map, with the biased variance of the official code.
+
+    The official code uses a hand-written autograd function for this; plain autograd computes the same gradients.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / torch.sqrt(var + self.eps)
+        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
+
+
+class SimpleGate(nn.Module):
+    """Halve the channels by multiplying the two halves: NAFNet's parameter-free nonlinearity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        return x1 * x2
+
+
+class KernelBasisAttention(nn.Module):
+    """Stateless wrapper of ``kbnet.ops.kba``, so hooks (MAC counting, profiling) can see each KBA call.
+
+    The kernel bases themselves stay parameters of the enclosing block (``w``, ``b``) to keep the official
+    state-dict names.
+    """
+
+    def __init__(self, kernel_size: int, groups: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return kba(x, att, weight, bias, self.kernel_size, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, groups={self.groups}"
+
+
+def kernel_bases(nset: int, channels: int, group_channels: int, kernel_size: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """Kernel bases ``w`` (1, nset, C·gc·k²) and bias bases ``b`` (1, nset, C), initialised as the official code.
+
+    ``kaiming_uniform_(a=√5)`` on the 3-D weight gives the bound 1/sqrt(nset·C·gc·k²); the bias uses the same bound.
+    """
+    weight = nn.Parameter(torch.empty(1, nset, channels * group_channels * kernel_size**2))
+    bias = nn.Parameter(torch.empty(1, nset, channels))
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(weight.shape[1] * weight.shape[2])
+    nn.init.uniform_(bias, -bound, bound)
+    return weight, bias
+
+
+def scale_parameter(channels: int, value: float = 1e-2) -> nn.Parameter:
+    """A learnable per-channel scale (1, C, 1, 1); the official blocks start all of them at 1e-2."""
+    return nn.Parameter(torch.full((1, channels, 1, 1), value))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str) -> torch.Tensor:
+    """Pad right and bottom so H and W become multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    if mode == "reflect" and (ph >= h or pw >= w):
+        mode = "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode) if mode != "constant" else F.pad(x, (0, pw, 0, ph))

@@ -1,0 +1,144 @@
+"""Kernel basis attention (KBA), the pixel-adaptive operator of KBNet.
+
+For every pixel p the ``nset`` learnable kernel bases ``W_n`` (grouped k×k convolutions) and bias bases ``b_n`` are
+mixed by the predicted coefficients ``att[:, n, p]`` and the fused kernel is applied to the neighbourhood of p:
+
+    out[:, :, p] = sum_n att[:, n, p] * (conv_{W_n}(x)[:, :, p] + b_n)
+
+Layouts are the official ones: ``weight`` (1, nset, C·(C/groups)·k²), per basis out-channel major, then the
+in-channel within the group, then kh, kw; ``bias`` (1, nset, C).
+
+The operator works on horizontal slabs of rows, so no full-size fused-kernel tensor ever exists (the official code
+allocates B·H·W·C·(C/groups)·k² values at once), and keeps only its four inputs for backward, recomputing the fused
+kernels slab by slab. Under ``torch.autocast`` it runs in the autocast dtype with every operand cast to it, which the
+official function cannot do. Double backward is supported: the backward is written in differentiable operations on
+the saved inputs, so autograd records it whenever a graph of the gradient is requested (``create_graph=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SLAB_BYTES = 64 * 2**20
+"""Budget for the transient per-slab tensors; small enough to stay in the last-level cache of large CPUs."""
+
+
+def _check(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
+           groups: int) -> None:
+    if x.dim() != 4 or att.dim() != 4:
+        raise ValueError(f"kba expects x (B, C, H, W) and att (B, nset, H, W), got {tuple(x.shape)} and "
+                         f"{tuple(att.shape)}")
+    b, c = x.shape[:2]
+    nset = att.shape[1]
+    if att.shape[0] != b or att.shape[2:] != x.shape[2:]:
+        raise ValueError(f"kba: att {tuple(att.shape)} does not match x {tuple(x.shape)} in batch or size")
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kba: kernel_size must be odd, got {kernel_size}")
+    if c % groups:
+        raise ValueError(f"kba: channels {c} not divisible by groups {groups}")
+    expected_w = (1, nset, c * (c // groups) * kernel_size**2)
+    if tuple(weight.shape) != expected_w:
+        raise ValueError(f"kba: weight has shape {tuple(weight.shape)}, expected {expected_w}")
+    if tuple(bias.shape) != (1, nset, c):
+        raise ValueError(f"kba: bias has shape {tuple(bias.shape)}, expected {(1, nset, c)}")
+
+
+def _slab_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    b, _, _, w = x.shape
+    per_row = b * w * weight.shape[-1] * x.element_size() * 3
+    return max(1, SLAB_BYTES // max(per_row, 1))
+
+
+def _slabs(h: int, rows: int) -> list[tuple[int, int]]:
+    return [(r0, min(r0 + rows, h)) for r0 in range(0, h, rows)]
+
+
+def _unfold_slab(xp: torch.Tensor, r0: int, r1: int, k: int, groups: int) -> torch.Tensor:
+    """Neighbourhoods of rows [r0, r1) of the zero-padded input as (B, P, groups, C/groups·k²)."""
+    b, c = xp.shape[:2]
+    uf = F.unfold(xp[:, :, r0:r1 + k - 1], k)
+    return uf.reshape(b, groups, (c // groups) * k * k, -1).permute(0, 3, 1, 2)
+
+
+def _coefficients(att: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Fusion coefficients of rows [r0, r1) as (B, P, nset)."""
+    b, n = att.shape[:2]
+    return att[:, :, r0:r1].reshape(b, n, -1).transpose(1, 2)
+
+
+def _forward(x, att, weight, bias, k, groups):
+    b, c, h, w = x.shape
+    gc = c // groups
+    xp = F.pad(x, (k // 2,) * 4)
+    out = x.new_empty(b, h, w, c)
+    for r0, r1 in _slabs(h, _slab_rows(x, weight)):
+        a = _coefficients(att, r0, r1)
+        kernels = (a @ weight).reshape(b, -1, groups, gc, gc * k * k)
+        uf = _unfold_slab(xp, r0, r1, k, groups)
+        y = (kernels @ uf.unsqueeze(-1)).reshape(b, -1, c) + a @ bias
+        out[:, r0:r1] = y.reshape(b, r1 - r0, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _backward(x, att, weight, bias, grad_out, k, groups):
+    b, c, h, w = x.shape
+    gc = c // groups
+    p = k // 2
+    xp = F.pad(x, (p,) * 4)
+    grad_xp = torch.zeros_like(xp)
+    grad_att = torch.empty_like(att)
+    grad_weight = torch.zeros_like(weight)
+    grad_bias = torch.zeros_like(bias)
+    for r0, r1 in _slabs(h, _slab_rows(x, weight)):
+        a = _coefficients(att, r0, r1)
+        g = grad_out[:, :, r0:r1].reshape(b, c, -1).transpose(1, 2)
+        g_groups = g.reshape(b, -1, groups, gc, 1)
+        kernels = (a @ weight).reshape(b, -1, groups, gc, gc * k * k)
+        uf = _unfold_slab(xp, r0, r1, k, groups)
+        grad_kernels = (g_groups * uf.unsqueeze(3)).reshape(b, g.shape[1], -1)
+        grad_uf = (kernels * g_groups).sum(3)
+        grad_xp[:, :, r0:r1 + k - 1] += F.fold(grad_uf.permute(0, 2, 3, 1).reshape(b, c * k * k, -1),
+                                               (r1 - r0 + k - 1, w + k - 1), k)
+        grad_a = g @ bias[0].t() + grad_kernels @ weight[0].t()
+        grad_att[:, :, r0:r1] = grad_a.transpose(1, 2).reshape(b, -1, r1 - r0, w)
+        a_t = a.transpose(1, 2)
+        grad_bias += (a_t @ g).sum(0, keepdim=True)
+        grad_weight += (a_t @ grad_kernels).sum(0, keepdim=True)
+    return grad_xp[:, :, p:p + h, p:p + w], grad_att, grad_weight, grad_bias
+
+
+class _KBA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, att, weight, bias, kernel_size: int, groups: int):  # type: ignore[override]
+        ctx.save_for_backward(x, att, weight, bias)
+        ctx.kernel_size, ctx.groups = kernel_size, groups
+        return _forward(x, att, weight, bias, kernel_size, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, att, weight, bias = ctx.saved_tensors
+        grads = _backward(x, att, weight, bias, grad_out.contiguous(), ctx.kernel_size, ctx.groups)
+        return (*grads, None, None)
+
+
+def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
+        groups: int) -> torch.Tensor:
+    """Kernel basis attention.
+
+    Args:
+        x: features the fused kernels are applied to, (B, C, H, W).
+        att: per-pixel fusion coefficients, (B, nset, H, W); used as they are (no softmax), as in the official code.
+        weight: kernel bases, (1, nset, C·(C/groups)·k²), official layout.
+        bias: bias bases, (1, nset, C).
+        kernel_size: k, odd; zero padding k//2 keeps the size.
+        groups: number of channel groups of the grouped kernels.
+    """
+    _check(x, att, weight, bias, kernel_size, groups)
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _KBA.apply(x.to(dtype), att.to(dtype), weight.to(dtype), bias.to(dtype), kernel_size, groups)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, att.dtype), torch.promote_types(weight.dtype, bias.dtype))
+    return _KBA.apply(x.to(dtype), att.to(dtype), weight.to(dtype), bias.to(dtype), kernel_size, groups)
