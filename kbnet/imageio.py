@@ -71,10 +71,21 @@ def read_image(path: str | Path, channels: int | None = None) -> Image:
         img = img[:, :, :1]
     if img.shape[2] == 3:
         img = img[:, :, ::-1]
+    if channels == 1 and img.shape[2] == 3 and bit_depth != 32:
+        img = _decode_gray(path, scale)
     img = np.ascontiguousarray(img)
     if channels is not None:
         img = convert_channels(img, channels, source=path)
     return Image(pixels=img, bit_depth=bit_depth, alpha=alpha)
+
+
+def _decode_gray(path: Path, scale: float) -> np.ndarray:
+    """Colour file read as gray by OpenCV's own integer conversion, as the official gray benchmarks
+    (``cv2.imread(..., IMREAD_GRAYSCALE)``) do: float luma would differ from their 8-bit values."""
+    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    if gray is None:
+        raise ImageReadError(f"cannot decode image file {path} as gray")
+    return (gray.astype(np.float32) / scale)[:, :, None]
 
 
 def convert_channels(img: np.ndarray, channels: int, source: str | Path = "image") -> np.ndarray:
