@@ -1,0 +1,221 @@
+"""The shared KBNet training recipe as one LightningModule base; task modules override only what differs.
+
+Recipe (spec §2.1): AdamW over all backbone parameters, the official per-step cosine-restart LR, gradient-norm
+clipping (``trainer.gradient_clip_val``), progressive patch/batch stages sub-cropped on the device, L1 loss, and
+validation by per-image PSNR/SSIM on clamped outputs (which fixes the official unclamped-peak bug).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from kbnet.lit.augment import progressive_crop, step_rng
+from kbnet.lit.ema import EMA
+from kbnet.lit.losses import build_loss
+from kbnet.lit.schedule import ProgressiveSchedule, lr_lambda
+from kbnet.metrics import psnr_torch, rgb_to_y_torch, ssim_torch
+
+log = logging.getLogger(__name__)
+
+UNSAFE_PRECISIONS = ("16-mixed", "16-true")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """The loss or the gradients became NaN/inf; raised before the optimizer step so the weights stay good."""
+
+
+class RestorationModule(L.LightningModule):
+    """Trains and validates an injected image-restoration backbone with the KBNet recipe.
+
+    Args:
+        net: the backbone, (B, C, H, W) in [0, 1] -> same shape. Kept as ``self.net``.
+        net_config: the resolved model config (``_target_: kbnet.models.create_model``, ``name``, overrides),
+            saved in the checkpoint so ``hydra.utils.instantiate(hparams["net_config"])`` rebuilds the backbone.
+        optimizer: a ``_target_`` node for the optimizer, instantiated with ``params=``.
+        lr_schedule: ``{periods, eta_mins}`` of BasicSR's cosine-restart schedule, periods in the paper's
+            iterations (rescaled to ``trainer.max_steps``); ``None`` keeps the LR constant.
+        loss: name of the pixel loss (``kbnet.lit.losses.LOSSES``).
+        progressive: ``{iters, patch_sizes, batch_sizes}`` stage table (see ``ProgressiveSchedule``); ``None``
+            trains on the loaded patches and batch as they come.
+        ema_decay: keep an exponential moving average of the weights and validate with it; ``None`` = off.
+        seed: seeds the per-step random draws (crops, mixup, noise) together with the rank and the step.
+        val_pad_multiple: validation inputs are reflect-padded to this multiple (official ``pad_test``: 8).
+    """
+
+    metrics_on_y: ClassVar[bool] = False
+    """Score validation on the 8-bit-rounded MATLAB Y channel (deraining protocol) instead of RGB."""
+
+    def __init__(self, net: nn.Module, net_config: Mapping[str, Any], *, optimizer: Mapping[str, Any],
+                 lr_schedule: Mapping[str, Sequence[float]] | None = None, loss: str = "l1",
+                 progressive: Mapping[str, Sequence[int]] | None = None, ema_decay: float | None = None,
+                 seed: int = 100, val_pad_multiple: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.loss_fn = build_loss(loss)
+        self.ema = EMA(net, ema_decay) if ema_decay is not None else None
+        self.progressive: ProgressiveSchedule | None = None
+        self._stage_index = -1
+        self._last_loss: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _max_steps(self) -> int:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("trainer.max_steps must be a positive number of steps: the LR schedule and the "
+                             f"progressive stages are fractions of it (got {max_steps})")
+        return max_steps
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.precision in UNSAFE_PRECISIONS:
+            raise ValueError(f"trainer.precision={self.trainer.precision} is not supported: KBNet is not "
+                             "float16-safe (spec §1.1); use bf16-mixed or 32-true")
+        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("module.ema_decay is not supported with strategy=fsdp (the EMA copy would be "
+                             "sharded); use ddp or set module.ema_decay=null")
+        if stage == "fit" and self.hparams.progressive is not None:
+            self.progressive = ProgressiveSchedule(**self.hparams.progressive, max_steps=self._max_steps())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(self.hparams.optimizer, params=params)
+        config: dict[str, Any] = {"optimizer": optimizer}
+        schedule = self.hparams.lr_schedule
+        if schedule is not None:
+            multiplier = lr_lambda(self._max_steps(), schedule["periods"], optimizer.defaults["lr"],
+                                   schedule["eta_mins"])
+            config["lr_scheduler"] = {"scheduler": LambdaLR(optimizer, multiplier), "interval": "step",
+                                      "frequency": 1, "name": "lr"}
+        return config
+
+    # -------------------------------------------------------------------------------------------- training
+    def transform_train_pair(self, inp: torch.Tensor, target: torch.Tensor,
+                             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task hook after the progressive crop (noise synthesis, mixup); the base recipe has none."""
+        return inp, target
+
+    def prepare_train_batch(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Progressive sub-crop and the task's transforms, drawn from this step's random stream."""
+        inp, target = batch["input"], batch["target"]
+        rng = step_rng(self.hparams.seed, self.global_rank, self.global_step)
+        if self.progressive is not None:
+            stage = self.progressive.stage(self.global_step, target.shape[0])
+            if stage.index != self._stage_index:
+                self._stage_index = stage.index
+                if self.global_rank == 0:
+                    log.info("step %d: progressive stage %d/%d, %dx%d patches, %d of %d samples per device",
+                             self.global_step, stage.index + 1, len(self.progressive.patch_sizes),
+                             stage.patch_size, stage.patch_size, stage.batch_size, target.shape[0])
+            inp, target = progressive_crop(inp, target, stage.batch_size, stage.patch_size, rng)
+            self.log("train/patch_size", float(stage.patch_size), batch_size=stage.batch_size)
+        return self.transform_train_pair(inp, target, rng)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        inp, target = self.prepare_train_batch(batch)
+        loss = self.loss_fn(self.net(inp), target)
+        self._last_loss = loss.detach()
+        self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=target.shape[0])
+        return loss
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip like the official ``clip_grad_norm_(params, 0.01)`` and stop on a NaN/inf gradient norm.
+
+        The check runs after DDP's all-reduce (every rank sees the same norm, so all stop together) and before
+        the optimizer step, so a non-finite loss never reaches the weights or a checkpoint.
+        """
+        params = [p for p in self.parameters() if p.grad is not None]
+        clip_norm = bool(gradient_clip_val) and gradient_clip_algorithm == "norm"
+        if clip_norm and isinstance(self.trainer.strategy, FSDPStrategy):
+            norm = self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        elif clip_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            if gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not torch.isfinite(norm):
+            raise NonFiniteGradientError(
+                f"non-finite gradient norm ({norm.item()}) at step {self.global_step} (loss "
+                f"{None if self._last_loss is None else self._last_loss.item()}): training stopped before "
+                "the update, so the weights and the last checkpoint are intact. Resume from the last checkpoint "
+                "with a lower learning rate or trainer.precision=32-true.")
+        self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+    def on_fit_end(self) -> None:
+        """Lightning ends a fit without any batch quietly; a run that trained nothing is an error here."""
+        if self.trainer.global_step == 0 and not self.trainer.fast_dev_run:
+            raise ValueError(
+                "no training step ran: the training loader yields no batch on a device. Either "
+                "trainer.limit_train_batches is 0, or the training set split over "
+                f"{self.trainer.world_size} processes has fewer samples than the per-device batch "
+                "(incomplete batches are dropped): use more data (e.g. the data config's repeat count) or a "
+                "smaller global_batch_size")
+
+    # ------------------------------------------------------------------------------------------ validation
+    def restore(self, inp: torch.Tensor) -> torch.Tensor:
+        """Reflect-pad to ``val_pad_multiple``, run the (EMA) backbone, crop back, clamp to [0, 1]."""
+        net = self.ema.module if self.ema is not None else self.net
+        height, width = inp.shape[-2:]
+        multiple = self.hparams.val_pad_multiple
+        pad_h, pad_w = -height % multiple, -width % multiple
+        padded = F.pad(inp, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else inp
+        return net(padded)[..., :height, :width].clamp(0, 1)
+
+    def image_metrics(self, pred: torch.Tensor, target: torch.Tensor,
+                      with_ssim: bool = True) -> dict[str, torch.Tensor]:
+        """Per-image PSNR (and SSIM), data range 1, of clamped predictions; on the rounded Y channel if asked."""
+        pred, target = pred.float().clamp(0, 1), target.float()
+        if self.metrics_on_y:
+            pred, target = to_y_uint8_levels(pred), to_y_uint8_levels(target)
+        metrics = {"psnr": psnr_torch(pred, target, data_range=1.0)}
+        if with_ssim:
+            metrics["ssim"] = ssim_torch(pred, target, data_range=1.0)
+        return metrics
+
+    def _val_prefixes(self, dataloader_idx: int) -> list[str]:
+        """``val`` for the first validation set (the monitored one), plus ``val/<name>`` when there are several."""
+        names = list(getattr(self.trainer.datamodule, "val_set_names", None) or [])
+        prefixes = ["val"] if dataloader_idx == 0 else []
+        if len(names) > 1:
+            prefixes.append(f"val/{names[dataloader_idx]}")
+        elif dataloader_idx > 0:
+            prefixes.append(f"val/set{dataloader_idx}")
+        return prefixes
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        inp, target = batch["input"], batch["target"]
+        restored = self.restore(inp)
+        metrics = self.image_metrics(restored, target)
+        metrics["psnr_input"] = self.image_metrics(inp, target, with_ssim=False)["psnr"]
+        for prefix in self._val_prefixes(dataloader_idx):
+            for key, values in metrics.items():
+                self.log(f"{prefix}/{key}", values.mean(), batch_size=values.numel(), sync_dist=True,
+                         add_dataloader_idx=False, prog_bar=prefix == "val" and key == "psnr")
+        return {"restored": restored}
+
+
+def to_y_uint8_levels(rgb: torch.Tensor) -> torch.Tensor:
+    """MATLAB ``rgb2ycbcr`` Y of the 8-bit-rounded image, itself rounded to 8 bits, scaled to [0, 1].
+
+    The deraining protocol saves outputs as 8-bit PNGs and scores MATLAB's uint8 Y; rounding half away from
+    zero (``floor(x + 0.5)`` for these non-negative values) matches MATLAB.
+    """
+    rgb8 = torch.floor(rgb.clamp(0, 1) * 255 + 0.5) / 255
+    return torch.floor(rgb_to_y_torch(rgb8) * 255 + 0.5) / 255

@@ -1,0 +1,284 @@
+"""``train(cfg)``: one training run from a composed Hydra config (``train.py`` is a thin entry point over it).
+
+What it guarantees around Lightning's ``Trainer.fit``:
+
+* the config is resolved once, in the launching process, and saved to the run directory before anything spawns;
+* a run directory (``<log_dir>/<task>/<run_name>``) is never reused unless ``resume=true``, and then training
+  continues from its ``last.ckpt`` (same step, optimizer, scheduler, progressive stage) and the same wandb run;
+* the global batch is split evenly over devices × nodes, or the run refuses to start;
+* the resolved model config travels in the checkpoint so the backbone can be rebuilt from it alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from omegaconf import DictConfig, OmegaConf
+
+from kbnet.lit.base import RestorationModule
+from kbnet.lit.schedule import ProgressiveSchedule
+from kbnet.models import load_weights
+from kbnet.models.summary import count_macs, count_parameters
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+WANDB_ID_FILE = "wandb_id.txt"
+TOP_LEVEL_KEYS = frozenset({"run_name", "resume", "seed", "global_batch_size", "init_weights", "torch_threads",
+                            "paths", "task", "model", "data", "module", "trainer", "logger", "callbacks"})
+TASK_KEYS = frozenset({"name", "channels", "sigma", "sigma_range", "lit_module", "progressive"})
+SUMMARY_SIZE = 256
+"""MACs are reported at 256x256, the paper's convention."""
+
+
+def launch_rank() -> int:
+    """Global rank from the launcher's environment (0 in the process the user started).
+
+    Lightning's ``ddp`` re-runs the command line for ranks > 0 with ``LOCAL_RANK`` set; torchrun and SLURM set
+    ``RANK`` / ``SLURM_PROCID``. Only rank 0 checks and writes the run directory.
+    """
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject keys nobody reads: a typo in an experiment file must not be silently ignored."""
+    unknown = sorted(set(cfg) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
+    unknown = sorted(set(cfg.task) - TASK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in the task config ({cfg.task.name}); known: {sorted(TASK_KEYS)}")
+
+
+def resolve_config(cfg: DictConfig) -> DictConfig:
+    """A resolved copy: interpolations (``${now:...}``, ``${hydra:...}``, ``${task.channels}``) become values here,
+    in the launching process, so spawned ranks and the saved config all see the same numbers."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def last_checkpoint_path(callbacks: list[L.Callback]) -> Path:
+    """Where ``resume`` looks: ``last.ckpt`` of the checkpoint callback that saves it."""
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            return Path(callback.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    raise ValueError("resume needs a ModelCheckpoint callback with save_last=true and a dirpath in "
+                     "callbacks (configs/callbacks/default.yaml has one)")
+
+
+def check_run_dir(run_dir: Path, resume: bool, last_ckpt: Path | None) -> None:
+    """A new run never lands in a started run's directory; a resume needs something to resume."""
+    if resume:
+        if last_ckpt is None or not last_ckpt.is_file():
+            raise FileNotFoundError(
+                f"resume=true but {last_ckpt} does not exist: the run in {run_dir} has no checkpoint to continue "
+                "(it may have stopped before its first checkpoint). Start a new run with another run_name.")
+    elif (run_dir / CONFIG_FILE).exists():
+        raise FileExistsError(
+            f"run directory {run_dir} already holds a run ({CONFIG_FILE} exists). Pass resume=true to continue it "
+            "or choose another run_name; nothing in it is overwritten.")
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path, resume: bool) -> Path:
+    """Save the resolved config (and the command-line overrides); a resume adds ``config.resume<N>.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    if resume:
+        n = 1
+        while (path := run_dir / f"config.resume{n}.yaml").exists():
+            n += 1
+        original = OmegaConf.load(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else None
+        if original is not None:
+            changed = _changed_keys(OmegaConf.to_container(original), OmegaConf.to_container(cfg))
+            changed = [k for k in changed if k != "resume"]
+            if changed:
+                log.warning("resuming with a config that differs from %s in: %s", CONFIG_FILE, ", ".join(changed))
+    OmegaConf.save(cfg, path)
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+        (path.with_name(path.stem + ".overrides.txt")).write_text("\n".join(overrides) + "\n")
+    return path
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def wandb_run_id(run_dir: Path, create: bool) -> str:
+    """The wandb run id kept in the run directory, so a resume logs into the same wandb run."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        raise FileNotFoundError(f"{path} is missing: rank 0 writes it before the other ranks start")
+    run_id = uuid.uuid4().hex[:12]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, is_launcher: bool) -> list[Logger]:
+    """The loggers of ``cfg.logger``; wandb gets the run id kept in the run directory and the whole config."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        spec = OmegaConf.to_container(node)
+        if get_class(spec["_target_"]) is WandbLogger:
+            if spec.get("id") is None:
+                spec["id"] = wandb_run_id(run_dir, create=is_launcher)
+            spec["config"] = OmegaConf.to_container(cfg)
+        logger = instantiate(spec, _recursive_=False, _convert_="all")
+        if not isinstance(logger, Logger):
+            raise TypeError(f"logger.{name} must build a Lightning Logger, got {type(logger).__name__}")
+        loggers.append(logger)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if not isinstance(callback, L.Callback):
+            raise TypeError(f"callbacks.{name} must build a Lightning Callback, got {type(callback).__name__}")
+        callbacks.append(callback)
+    return callbacks
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse ``ddp`` (script re-launch) under Hydra multirun: every rank would restart the whole sweep."""
+    relaunches = isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher)
+    if relaunches and trainer.num_devices > 1 and HydraConfig.initialized() \
+            and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            "strategy=ddp re-runs the command line in each rank, which under Hydra multirun (-m) restarts the whole "
+            "sweep (Lightning issue #11300). Use strategy=ddp_spawn, one torchrun launch per job, or a SLURM "
+            "launcher (hydra/launcher=submitit_slurm) where srun starts the ranks.")
+
+
+def per_device_batch(global_batch_size: int, trainer: L.Trainer) -> int:
+    """``global_batch_size`` split over devices × nodes; uneven splits are refused, never rounded."""
+    processes = trainer.num_devices * trainer.num_nodes
+    if global_batch_size <= 0 or global_batch_size % processes:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                         f"{processes} processes ({trainer.num_devices} devices x {trainer.num_nodes} nodes)")
+    return global_batch_size // processes
+
+
+def check_progressive(cfg: DictConfig, max_steps: int, batch_size: int) -> None:
+    """Fail at launch, not hours in, when the stage table does not fit the loader's batch or patch size."""
+    table = cfg.task.get("progressive")
+    if table is None:
+        return
+    ProgressiveSchedule(**table, max_steps=max_steps).device_batch_sizes(batch_size)
+    loader_patch = cfg.data.get("patch_size")
+    if loader_patch is not None and max(table.patch_sizes) > loader_patch:
+        raise ValueError(f"task.progressive.patch_sizes go up to {max(table.patch_sizes)} but the loader crops "
+                         f"data.patch_size={loader_patch}: raise data.patch_size or lower the stage patch sizes")
+
+
+def build_module(cfg: DictConfig, net: torch.nn.Module) -> RestorationModule:
+    """The task's LightningModule: task arguments (``task.lit_module``) + shared recipe (``module``)."""
+    task_args = OmegaConf.to_container(cfg.task.lit_module)
+    cls = get_class(task_args.pop("_target_"))
+    if not (isinstance(cls, type) and issubclass(cls, RestorationModule)):
+        raise TypeError(f"task.lit_module._target_ must be a kbnet.lit.RestorationModule subclass, got {cls}")
+    recipe = OmegaConf.to_container(cfg.module)
+    clash = sorted(set(task_args) & set(recipe))
+    if clash:
+        raise ValueError(f"task.lit_module and module both set {clash}; set each argument in one place")
+    progressive = cfg.task.get("progressive")
+    return cls(net=net, net_config=OmegaConf.to_container(cfg.model), seed=cfg.seed,
+               progressive=None if progressive is None else OmegaConf.to_container(progressive),
+               **task_args, **recipe)
+
+
+def describe_model(cfg: DictConfig) -> str:
+    """Parameters and MACs of the configured backbone, counted on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        meta_net = instantiate(cfg.model)
+    shape = (cfg.task.channels, SUMMARY_SIZE, SUMMARY_SIZE)
+    return (f"model {cfg.model.name}: {count_parameters(meta_net) / 1e6:.3f} M parameters, "
+            f"{count_macs(meta_net, shape) / 1e9:.2f} GMACs at {SUMMARY_SIZE}x{SUMMARY_SIZE} counting convolutions "
+            f"(paper convention), {count_macs(meta_net, shape, include_matmul=True) / 1e9:.2f} GMACs with the "
+            "KBA/attention matrix products")
+
+
+def _finish_wandb(loggers: list[Logger], succeeded: bool) -> None:
+    """Close the wandb run, with a failure exit code on errors, so a sweep's next job starts a new run."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=0 if succeeded else 1)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume) one run; returns the final logged metrics and the checkpoint paths."""
+    cfg = resolve_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    is_launcher = launch_rank() == 0
+
+    callbacks = build_callbacks(cfg)
+    last_ckpt = last_checkpoint_path(callbacks) if cfg.resume else None
+    if is_launcher:
+        check_run_dir(run_dir, cfg.resume, last_ckpt)
+
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    L.seed_everything(cfg.seed, workers=True)
+    loggers = build_loggers(cfg, run_dir, is_launcher)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)
+    batch_size = per_device_batch(cfg.global_batch_size, trainer)
+    check_progressive(cfg, trainer.max_steps, batch_size)
+
+    datamodule = instantiate(cfg.data, batch_size=batch_size)
+    datamodule.setup("fit")  # missing or mismatched data fails here, before the run directory is marked as used
+    net = instantiate(cfg.model)
+    if cfg.init_weights is not None:
+        load_weights(net, cfg.init_weights)
+    module = build_module(cfg, net)
+
+    if is_launcher:
+        config_path = save_run_config(cfg, run_dir, cfg.resume)
+        log.info("run directory %s (config: %s)", run_dir, config_path.name)
+        log.info(describe_model(cfg))
+        log.info("global batch %d = %d per device x %d devices x %d nodes", cfg.global_batch_size, batch_size,
+                 trainer.num_devices, trainer.num_nodes)
+
+    succeeded = False
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last_ckpt)
+        succeeded = True
+    finally:
+        _finish_wandb(loggers, succeeded)
+
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    metrics["best_checkpoint"] = checkpoints[0].best_model_path if checkpoints else None
+    return metrics
