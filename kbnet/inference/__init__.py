@@ -1,0 +1,41 @@
+"""Inference on images of any size: padding, tiling (blended or the official centre-crop scheme), ×8
+self-ensemble, memory planning and checkpoint loading, behind one ``Restorer``."""
+
+from kbnet.inference.ensemble import dihedral, dihedral_inverse, self_ensemble
+from kbnet.inference.loading import (
+    CheckpointError,
+    LoadedModel,
+    load_model,
+    model_channels,
+    model_from_checkpoint,
+    model_from_official,
+    model_size_multiple,
+)
+from kbnet.inference.memory import MemoryProfile, forward_peak_bytes, plan_tile, profile_model
+from kbnet.inference.padding import pad_to_multiple, reflect_pad
+from kbnet.inference.restorer import Restorer, resolve_device
+from kbnet.inference.tiling import blended_forward, official_tiled_forward, window_starts
+
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "MemoryProfile",
+    "Restorer",
+    "blended_forward",
+    "dihedral",
+    "dihedral_inverse",
+    "forward_peak_bytes",
+    "load_model",
+    "model_channels",
+    "model_from_checkpoint",
+    "model_from_official",
+    "model_size_multiple",
+    "official_tiled_forward",
+    "pad_to_multiple",
+    "plan_tile",
+    "profile_model",
+    "reflect_pad",
+    "resolve_device",
+    "self_ensemble",
+    "window_starts",
+]

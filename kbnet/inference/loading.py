@@ -1,0 +1,140 @@
+"""Build a ready-to-run backbone from a checkpoint: this project's Lightning checkpoints or official release files.
+
+A Lightning checkpoint of this project carries the resolved model config (``hyper_parameters["net_config"]``), so
+it alone rebuilds the backbone. An official release file holds bare weights, so the caller names the preset
+(``--model kbnet_l`` / ``model=kbnet_l``); a file for another preset fails with the ``WeightLoadError`` of
+``kbnet.models.load_weights``, which lists the tensors that do not fit and the likely cause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from kbnet.models import KBNetL, KBNetS, create_model, list_models, load_weights
+from kbnet.models.kbnet_l import SIZE_MULTIPLE as KBNET_L_MULTIPLE
+
+EMA_PREFIX = "ema.module."
+"""Where our LightningModules keep the EMA copy of the backbone (``module.ema_decay``)."""
+PROJECT_WEIGHTS = ("auto", "ema", "net")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot give the requested model; the message names the file and what was expected."""
+
+
+@dataclass
+class LoadedModel:
+    """A backbone in eval mode, the preset it was built as, and where its weights came from."""
+
+    model: nn.Module
+    name: str
+    source: str
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The unpickled content of a checkpoint file (memory-mapped where the format allows, so reading is cheap)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:
+        pass  # legacy (non-zip) files cannot be memory-mapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err} "
+                              "(truncated download or not a PyTorch file?)") from err
+
+
+def net_config_of(content: Any) -> dict[str, Any] | None:
+    """The saved model config of one of our Lightning checkpoints, ``None`` for anything else."""
+    if not isinstance(content, Mapping):
+        return None
+    hparams = content.get("hyper_parameters")
+    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("net_config"), Mapping):
+        return None
+    return dict(hparams["net_config"])
+
+
+def _project_state(content: Mapping, path: Path, weights: str) -> tuple[Mapping[str, torch.Tensor] | Path, str]:
+    """The weights to load from our checkpoint: the EMA copy (if asked, or by default when there is one) or ``net``."""
+    if weights not in PROJECT_WEIGHTS:
+        raise CheckpointError(f"{path} is a checkpoint of this project: weights must be one of "
+                              f"{', '.join(PROJECT_WEIGHTS)}, got {weights!r}")
+    state = content.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: a Lightning checkpoint without a state_dict")
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    if weights == "ema" and not ema:
+        raise CheckpointError(f"{path}: weights=ema asked, but the run kept no EMA (module.ema_decay was null)")
+    if ema and weights != "net":
+        return ema, "EMA weights"
+    return path, "weights"
+
+
+def model_from_checkpoint(path: str | Path, content: Any = None, weights: str = "auto",
+                          expect_name: str | None = None) -> LoadedModel:
+    """Rebuild the backbone of one of our Lightning checkpoints from its saved config and load its weights."""
+    path = Path(path)
+    content = read_checkpoint(path) if content is None else content
+    config = net_config_of(content)
+    if config is None:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no hyper_parameters.net_config)")
+    name = str(config.get("name", config.get("_target_", "?")))
+    if expect_name is not None and expect_name != name:
+        raise CheckpointError(f"{path} holds a {name!r} model, not {expect_name!r}: leave the model choice out "
+                              "(the checkpoint rebuilds its own) or pass the matching preset")
+    try:
+        model = instantiate(config)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot rebuild the model from hyper_parameters.net_config {config}: "
+                              f"{err}") from err
+    state, what = _project_state(content, path, weights)
+    load_weights(model, state)
+    return LoadedModel(model.eval(), name, f"{path} ({name}, {what} of a project checkpoint)")
+
+
+def model_from_official(path: str | Path, model: nn.Module, name: str, key: str | None = None) -> LoadedModel:
+    """Load an official release file (or any bare state dict) into ``model``, built as preset ``name``."""
+    load_weights(model, path, key=key)
+    return LoadedModel(model.eval(), name, f"{path} ({name}, official weights)")
+
+
+def load_model(path: str | Path, preset: str | None = None, weights: str | None = None) -> LoadedModel:
+    """Model for the restore CLI: our checkpoint (``preset`` optional, checked) or an official file (``preset``
+    required). ``weights`` picks ``ema``/``net`` in our checkpoints and the wrapper key in official files."""
+    path = Path(path)
+    content = read_checkpoint(path)
+    if net_config_of(content) is not None:
+        return model_from_checkpoint(path, content, weights or "auto", expect_name=preset)
+    if preset is None:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it has no hyper_parameters.net_config); "
+                              f"for an official release file name its preset with --model (one of "
+                              f"{', '.join(list_models())})")
+    del content
+    return model_from_official(path, create_model(preset), preset, key=weights)
+
+
+def model_channels(model: nn.Module) -> int:
+    """Image channels the backbone takes (its first convolution's input channels)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    raise ValueError(f"cannot tell the input channels of {type(model).__name__}: it has no Conv2d")
+
+
+def model_size_multiple(model: nn.Module) -> int:
+    """Side multiple the backbone runs at without internal padding (2**levels for KBNet_s, 8 for KBNet_l)."""
+    if isinstance(model, KBNetS):
+        return model.padder_size
+    if isinstance(model, KBNetL):
+        return KBNET_L_MULTIPLE
+    return 1
