@@ -16,8 +16,9 @@ os.environ.setdefault("KBNET_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Returns the best validation PSNR of the run: the objective of `hparams_search` sweeps."""
     metrics = train(cfg)
-    return metrics.get("val/psnr")
+    return metrics.get("val/psnr_best")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ What it guarantees around Lightning's ``Trainer.fit``:
 * a run directory (``<log_dir>/<task>/<run_name>``) is never reused unless ``resume=true``, and then training
   continues from its ``last.ckpt`` (same step, optimizer, scheduler, progressive stage) and the same wandb run;
 * the global batch is split evenly over devices × nodes, or the run refuses to start;
+* launches that cannot work (``ddp`` or torchrun under ``-m``, ranks that could disagree on the run directory)
+  are refused before anything is written (``kbnet.sweep``); only rank 0 writes the run directory;
+* the wandb run carries the config, git commit, model size, best-metric summary and, when online, the final
+  checkpoints, and is finished (with a failure exit code on errors) before the next job of a sweep starts;
+* ``result.json`` in the run directory records the outcome (best ``val/psnr``, checkpoints) for sweep summaries;
 * the resolved model config travels in the checkpoint so the backbone can be rebuilt from it alone.
 """
 
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+import subprocess
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +27,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -30,9 +34,18 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from omegaconf import DictConfig, OmegaConf
 
 from kbnet.lit.base import RestorationModule
+from kbnet.lit.callbacks import BestMetric
 from kbnet.lit.schedule import ProgressiveSchedule
 from kbnet.models import load_weights
 from kbnet.models.summary import count_macs, count_parameters
+from kbnet.sweep import (
+    RESULT_FILE,
+    check_sweep_launch,
+    current_sweep_job,
+    external_launcher,
+    is_launch_process,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +56,23 @@ TOP_LEVEL_KEYS = frozenset({"run_name", "resume", "seed", "global_batch_size", "
 TASK_KEYS = frozenset({"name", "channels", "sigma", "sigma_range", "lit_module", "progressive"})
 SUMMARY_SIZE = 256
 """MACs are reported at 256x256, the paper's convention."""
+MONITOR = "val/psnr"
+"""The metric that picks the best checkpoint and that ``train`` returns (as ``val/psnr_best``) to sweepers."""
+WANDB_SUMMARIES = {"val/psnr": "max", "val/ssim": "max", "train/loss": "min"}
+"""wandb run summaries show these metrics' best value instead of their last one."""
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch_rank() -> int:
-    """Global rank from the launcher's environment (0 in the process the user started).
-
-    Lightning's ``ddp`` re-runs the command line for ranks > 0 with ``LOCAL_RANK`` set; torchrun and SLURM set
-    ``RANK`` / ``SLURM_PROCID``. Only rank 0 checks and writes the run directory.
-    """
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
+def check_run_name_agreement(cfg: DictConfig) -> None:
+    """Ranks started by torchrun or srun resolve ``run_name`` each on their own: a ``${now:...}`` default could
+    put them in different run directories (a second passes between their starts; other nodes start later)."""
+    launcher = external_launcher()
+    raw_name = OmegaConf.to_container(cfg, resolve=False).get("run_name")
+    if launcher in ("torchrun", "srun") and "${now:" in str(raw_name):
+        raise ValueError(
+            f"this run was started by {launcher} in several processes, which would each resolve "
+            f"run_name={raw_name} at their own time and could disagree on the run directory; pass an explicit "
+            "run_name (e.g. run_name=sidd_8gpu) so every rank uses the same one")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -126,17 +144,51 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def wandb_run_id(run_dir: Path, create: bool) -> str:
+def wandb_run_id(run_dir: Path) -> str:
     """The wandb run id kept in the run directory, so a resume logs into the same wandb run."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    if not create:
-        raise FileNotFoundError(f"{path} is missing: rank 0 writes it before the other ranks start")
     run_id = uuid.uuid4().hex[:12]
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id
+
+
+def git_revision(root: Path = ROOT) -> dict[str, Any]:
+    """The commit of the code that trains, and whether it had uncommitted changes; empty outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        log.info("%s is not a git checkout (or git is missing): the run records no commit", root)
+        return {}
+
+
+def wandb_spec(spec: dict[str, Any], cfg: DictConfig, run_dir: Path, is_launcher: bool) -> dict[str, Any]:
+    """Complete a WandbLogger node: run id, group and name (per sweep job under ``-m``), config, model upload.
+
+    Only rank 0 creates a wandb run, so only it needs (and writes) the run id. ``log_model: true`` means "upload
+    the best and last checkpoints at the end when online"; offline runs keep them in the run directory.
+    """
+    job = current_sweep_job()
+    if spec.get("id") is None and is_launcher:
+        spec["id"] = wandb_run_id(run_dir)
+    if spec.get("group") is None:
+        spec["group"] = job.wandb_group if job is not None else cfg.task.name
+    if spec.get("name") is None:
+        spec["name"] = job.wandb_name if job is not None else cfg.run_name
+    if spec.get("offline"):
+        spec["log_model"] = False
+    spec["config"] = {**OmegaConf.to_container(cfg), "launch": {
+        "git": git_revision() if is_launcher else {},
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "sweep_job": None if job is None else job.num,
+    }}
+    return spec
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, is_launcher: bool) -> list[Logger]:
@@ -147,9 +199,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, is_launcher: bool) -> list[Log
             continue
         spec = OmegaConf.to_container(node)
         if get_class(spec["_target_"]) is WandbLogger:
-            if spec.get("id") is None:
-                spec["id"] = wandb_run_id(run_dir, create=is_launcher)
-            spec["config"] = OmegaConf.to_container(cfg)
+            spec = wandb_spec(spec, cfg, run_dir, is_launcher)
         logger = instantiate(spec, _recursive_=False, _convert_="all")
         if not isinstance(logger, Logger):
             raise TypeError(f"logger.{name} must build a Lightning Logger, got {type(logger).__name__}")
@@ -170,14 +220,9 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def check_launch(trainer: L.Trainer) -> None:
-    """Refuse ``ddp`` (script re-launch) under Hydra multirun: every rank would restart the whole sweep."""
+    """Refuse launches that cannot work with Hydra's mode (``kbnet.sweep.check_sweep_launch``)."""
     relaunches = isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher)
-    if relaunches and trainer.num_devices > 1 and HydraConfig.initialized() \
-            and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise ValueError(
-            "strategy=ddp re-runs the command line in each rank, which under Hydra multirun (-m) restarts the whole "
-            "sweep (Lightning issue #11300). Use strategy=ddp_spawn, one torchrun launch per job, or a SLURM "
-            "launcher (hydra/launcher=submitit_slurm) where srun starts the ranks.")
+    check_sweep_launch(relaunches, trainer.num_devices * trainer.num_nodes)
 
 
 def per_device_batch(global_batch_size: int, trainer: L.Trainer) -> int:
@@ -217,15 +262,34 @@ def build_module(cfg: DictConfig, net: torch.nn.Module) -> RestorationModule:
                **task_args, **recipe)
 
 
-def describe_model(cfg: DictConfig) -> str:
+def model_summary(cfg: DictConfig) -> dict[str, float]:
     """Parameters and MACs of the configured backbone, counted on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         meta_net = instantiate(cfg.model)
     shape = (cfg.task.channels, SUMMARY_SIZE, SUMMARY_SIZE)
-    return (f"model {cfg.model.name}: {count_parameters(meta_net) / 1e6:.3f} M parameters, "
-            f"{count_macs(meta_net, shape) / 1e9:.2f} GMACs at {SUMMARY_SIZE}x{SUMMARY_SIZE} counting convolutions "
-            f"(paper convention), {count_macs(meta_net, shape, include_matmul=True) / 1e9:.2f} GMACs with the "
-            "KBA/attention matrix products")
+    return {"model/parameters_M": count_parameters(meta_net) / 1e6,
+            "model/gmacs": count_macs(meta_net, shape) / 1e9,
+            "model/gmacs_with_matmul": count_macs(meta_net, shape, include_matmul=True) / 1e9}
+
+
+def describe_model(name: str, summary: Mapping[str, float]) -> str:
+    """One log line from ``model_summary``."""
+    return (f"model {name}: {summary['model/parameters_M']:.3f} M parameters, {summary['model/gmacs']:.2f} GMACs "
+            f"at {SUMMARY_SIZE}x{SUMMARY_SIZE} counting convolutions (paper convention), "
+            f"{summary['model/gmacs_with_matmul']:.2f} GMACs with the KBA/attention matrix products")
+
+
+def start_wandb_runs(loggers: list[Logger], summary: Mapping[str, float]) -> None:
+    """Create the wandb run now (rank 0, after every check passed): best-value summaries and the model size.
+
+    ``ddp_spawn`` workers attach to this run; the other strategies keep logging from this process.
+    """
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            for key, direction in WANDB_SUMMARIES.items():
+                run.define_metric(key, summary=direction)
+            run.summary.update(dict(summary))
 
 
 def _finish_wandb(loggers: list[Logger], succeeded: bool) -> None:
@@ -237,13 +301,28 @@ def _finish_wandb(loggers: list[Logger], succeeded: bool) -> None:
             wandb.finish(exit_code=0 if succeeded else 1)
 
 
+def run_result(trainer: L.Trainer, callbacks: list[L.Callback]) -> dict[str, Any]:
+    """What a run reached: its final metrics, best ``val/psnr`` and checkpoints (also after ``ddp_spawn``,
+    whose workers hand back the callback metrics and the best checkpoint path but not the callbacks' state)."""
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    monitored = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == MONITOR]
+    metrics["best_checkpoint"] = (monitored[0].best_model_path or None) if monitored else None
+    saves_last = any(isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath for c in callbacks)
+    last = last_checkpoint_path(callbacks) if saves_last else None
+    metrics["last_checkpoint"] = str(last) if last is not None and last.is_file() else None
+    return metrics
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) one run; returns the final logged metrics and the checkpoint paths."""
+    """Train (or resume) one run; returns the final logged metrics (``val/psnr_best``: the best validation PSNR)
+    and the checkpoint paths."""
+    check_run_name_agreement(cfg)
     cfg = resolve_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    is_launcher = launch_rank() == 0
+    is_launcher = is_launch_process()
 
-    callbacks = build_callbacks(cfg)
+    best = BestMetric(MONITOR, mode="max")  # always: it is the value a sweep optimizes
+    callbacks = [*build_callbacks(cfg), best]
     last_ckpt = last_checkpoint_path(callbacks) if cfg.resume else None
     if is_launcher:
         check_run_dir(run_dir, cfg.resume, last_ckpt)
@@ -266,19 +345,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if is_launcher:
         config_path = save_run_config(cfg, run_dir, cfg.resume)
+        write_json(run_dir / RESULT_FILE, {"status": "running"})
+        summary = model_summary(cfg)
         log.info("run directory %s (config: %s)", run_dir, config_path.name)
-        log.info(describe_model(cfg))
+        log.info(describe_model(cfg.model.name, summary))
         log.info("global batch %d = %d per device x %d devices x %d nodes", cfg.global_batch_size, batch_size,
                  trainer.num_devices, trainer.num_nodes)
 
     succeeded = False
     try:
+        if is_launcher:
+            start_wandb_runs(loggers, summary)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_ckpt)
         succeeded = True
+    except BaseException as error:
+        if is_launcher:
+            write_json(run_dir / RESULT_FILE, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        raise
     finally:
         _finish_wandb(loggers, succeeded)
 
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
-    metrics["best_checkpoint"] = checkpoints[0].best_model_path if checkpoints else None
+    metrics = run_result(trainer, callbacks)
+    if is_launcher:
+        write_json(run_dir / RESULT_FILE, {
+            "status": "completed", "best_val_psnr": metrics.get(best.key),
+            "best_checkpoint": metrics["best_checkpoint"], "last_checkpoint": metrics["last_checkpoint"],
+            "metrics": {k: v for k, v in metrics.items() if not k.endswith("_checkpoint")}})
     return metrics

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -24,6 +29,28 @@ def compose_train(*overrides: str) -> DictConfig:
     """The project's ``configs/train.yaml`` composed with command-line style overrides."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+@contextmanager
+def hydra_job(mode: RunMode, output_dir: Path, *overrides: str, job_num: int = 0) -> Iterator[DictConfig]:
+    """The train config as a Hydra job in ``mode`` sees it, with ``HydraConfig`` set (mode, job number, output
+    directory, overrides) while the block runs. Yields the job config without its ``hydra`` node, as ``train``
+    gets it."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"paths.output_dir={output_dir}", *overrides],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = mode
+        cfg.hydra.job.num = job_num
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        job_cfg = copy.deepcopy(cfg)
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]
+        yield job_cfg
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 TINY_MODELS = {"kbnet_s_tiny": ["model.width=8"], "kbnet_l_tiny": ["model.dim=12", "model.heads=[1,1,1,1]"]}

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DistributedSampler
 
 from kbnet.lit.augment import progressive_crop, step_rng
 from kbnet.lit.ema import EMA
@@ -68,6 +69,7 @@ class RestorationModule(L.LightningModule):
         self.progressive: ProgressiveSchedule | None = None
         self._stage_index = -1
         self._last_loss: torch.Tensor | None = None
+        self._val_totals: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------- setup
     def _max_steps(self) -> int:
@@ -121,13 +123,18 @@ class RestorationModule(L.LightningModule):
             self.log("train/patch_size", float(stage.patch_size), batch_size=stage.batch_size)
         return self.transform_train_pair(inp, target, rng)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The loss, and the number of images trained on (after the progressive sub-crop) for throughput.
+
+        ``train/loss`` is averaged over the ranks (one scalar all-reduce per step), so with several devices it is
+        the loss of the global batch, not rank 0's share of it.
+        """
         inp, target = self.prepare_train_batch(batch)
         loss = self.loss_fn(self.net(inp), target)
         self._last_loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0], sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=target.shape[0])
-        return loss
+        return {"loss": loss, "images": target.shape[0]}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -199,16 +206,55 @@ class RestorationModule(L.LightningModule):
             prefixes.append(f"val/set{dataloader_idx}")
         return prefixes
 
+    def _unpadded(self, batch_size: int, batch_idx: int, dataloader_idx: int) -> torch.Tensor:
+        """Which samples of a validation batch are real rather than ``DistributedSampler`` padding.
+
+        With several ranks, Lightning deals the validation set out with a ``DistributedSampler``, which appends
+        copies of the first samples so every rank gets as many: the last sample of each rank from
+        ``len(dataset) % world_size`` on is such a copy. Counting it would weigh that image twice in ``val/*``.
+        """
+        keep = torch.ones(batch_size, dtype=torch.bool)
+        loaders = self.trainer.val_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            real = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+            first = batch_idx * loader.batch_size
+            keep = torch.arange(first, first + batch_size) < real
+        return keep
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = {}
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per-image metrics, summed per metric with their image count; averaged at the end of the epoch."""
         inp, target = batch["input"], batch["target"]
         restored = self.restore(inp)
         metrics = self.image_metrics(restored, target)
         metrics["psnr_input"] = self.image_metrics(inp, target, with_ssim=False)["psnr"]
+        keep = self._unpadded(target.shape[0], batch_idx, dataloader_idx).to(target.device)
         for prefix in self._val_prefixes(dataloader_idx):
             for key, values in metrics.items():
-                self.log(f"{prefix}/{key}", values.mean(), batch_size=values.numel(), sync_dist=True,
-                         add_dataloader_idx=False, prog_bar=prefix == "val" and key == "psnr")
+                # A batch of padding only still adds (0, 0), so every rank ends with the same metric names.
+                total = self._val_totals.setdefault(f"{prefix}/{key}", torch.zeros(2, dtype=torch.float64,
+                                                                                 device=target.device))
+                total += torch.stack([values[keep].double().sum(), keep.sum().double()])
         return {"restored": restored}
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each metric's mean over the validation images of all ranks, each image counted once.
+
+        Sums and counts are added up over the ranks in float64 and divided once. Lightning's own
+        ``sync_dist`` averaging of per-rank means would need equal image counts per rank (with gloo it even
+        truncates the averaged count to an integer), which a validation set split over ranks rarely has.
+        """
+        names = sorted(self._val_totals)  # the same names, in the same order, on every rank
+        if not names:
+            return
+        totals = self.trainer.strategy.reduce(torch.stack([self._val_totals[name] for name in names]),
+                                              reduce_op="sum")
+        for name, (total, count) in zip(names, totals, strict=True):
+            self.log(name, (total / count).float(), prog_bar=name == "val/psnr", sync_dist=False)
 
 
 def to_y_uint8_levels(rgb: torch.Tensor) -> torch.Tensor:

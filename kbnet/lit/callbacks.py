@@ -3,6 +3,8 @@ validation image grids for any logger."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,84 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class BestMetric(L.Callback):
+    """Tracks the best value of a validation metric and publishes it as ``<monitor>_best``.
+
+    The value goes to ``trainer.callback_metrics`` (which Lightning carries back from ``ddp_spawn`` workers, unlike
+    ``ModelCheckpoint.best_model_score``) and to every logger, so ``train()`` can return it to a sweeper and the
+    wandb summary shows it. Its state is saved in checkpoints, so a resumed run keeps the best of the whole run.
+    """
+
+    def __init__(self, monitor: str = "val/psnr", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.monitor}_best"
+
+    def _improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if self._improves(value):
+            self.best, self.best_step = value, trainer.global_step
+        trainer.callback_metrics[self.key] = torch.tensor(self.best)
+        for logger in trainer.loggers:
+            logger.log_metrics({self.key: self.best}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.best_step = state_dict["best"], state_dict["best_step"]
+
+
+class Throughput(L.Callback):
+    """Logs ``train/images_per_sec``: training images per second summed over all ranks.
+
+    Measured between the ends of consecutive training steps over the last ``window`` steps, so data loading
+    counts and validation does not (the clock restarts after each validation). The image count is the batch the
+    model trained on (after the progressive sub-crop), times the number of ranks.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window = window
+        self._steps: deque[tuple[float, int]] = deque(maxlen=window)
+        self._last: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._steps.clear()
+        self._last = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last is not None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not isinstance(outputs, dict) or "images" not in outputs:
+            raise TypeError("Throughput needs training_step to return {'loss': ..., 'images': <images trained on>} "
+                            f"(kbnet.lit.RestorationModule does); got {type(outputs).__name__}")
+        now = time.perf_counter()
+        if self._last is None:
+            self._last = now
+            return
+        self._steps.append((now - self._last, int(outputs["images"]) * trainer.world_size))
+        self._last = now
+        seconds = sum(s for s, _ in self._steps)
+        if seconds > 0:
+            pl_module.log("train/images_per_sec", sum(n for _, n in self._steps) / seconds)
