@@ -144,13 +144,14 @@ def combined_table(name: str, members: Sequence[str], tables: Mapping[str, Metri
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """The configured loggers (``logger=wandb|csv|tensorboard``); a wandb run is marked as an evaluation job."""
+    """The configured loggers (``logger=wandb|csv|tensorboard``); a wandb run is marked as an evaluation job and
+    uploads no model (an evaluation produces none)."""
     loggers = []
     for key, node in (cfg.get("logger") or {}).items():
         if node is None:
             continue
         if get_class(node._target_) is WandbLogger:
-            node = OmegaConf.merge(node, {"job_type": "eval"})
+            node = OmegaConf.merge(node, {"job_type": "eval", "log_model": False})
         logger = instantiate(node)
         if not isinstance(logger, Logger):
             raise TypeError(f"logger.{key} must build a Lightning Logger, got {type(logger).__name__}")
