@@ -28,13 +28,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SMALL_DEMO = ("data.val_size=32", "data.train_size=16")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared CPU (5-10x faster there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
 
 
 def compose_eval(out_dir: Path, *overrides: str) -> DictConfig:

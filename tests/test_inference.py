@@ -35,14 +35,7 @@ from kbnet.inference.tiling import official_pad, window_weights
 from kbnet.models import WeightLoadError
 from tests.test_inference_helpers import outputs_equal, save_official_checkpoint, save_project_checkpoint, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared CPU (5-10x faster there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -19,14 +19,7 @@ from kbnet.inference.memory import host_bytes
 from kbnet.restore import main
 from tests.test_inference_helpers import save_official_checkpoint, save_project_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared CPU (5-10x faster there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
 
 
 @pytest.fixture(scope="module")
