@@ -8,10 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kbnet.models.layers import KernelBasisAttention, LayerNorm2d, SimpleGate, kernel_bases, pad_to_multiple
+from kbnet.models.layers import (
+    KernelBasisAttention,
+    LayerNorm2d,
+    SimpleGate,
+    is_channels_last,
+    kernel_bases,
+    pad_to_multiple,
+    to_channels_last,
+)
 
 SIZE_MULTIPLE = 8
 """Three PixelUnshuffle(2) downsamplings need H and W divisible by 8."""
+NORMALIZE_EPS = 1e-12
+"""``F.normalize``'s default: norms are clamped to it before dividing."""
 
 
 class MFF(nn.Module):
@@ -41,14 +51,19 @@ class MFF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sca = self.sca(x)
         x1 = self.dwconv(x)
-        att = self.conv2(x) * self.attgamma + self.conv211(x)
+        att = torch.addcmul(self.conv211(x), self.conv2(x), self.attgamma)
         uf = self.conv1(x)
-        x2 = self.kba(uf, att, self.w, self.b) * self.ga1 + uf
+        x2 = torch.addcmul(uf, self.kba(uf, att, self.w, self.b), self.ga1)
         return self.project_out(F.gelu(x1) * x2 * sca)
 
 
 class TransAttention(nn.Module):
-    """Restormer's multi-Dconv head transposed attention: a C×C attention map per head, linear in H·W."""
+    """Restormer's multi-Dconv head transposed attention: a C×C attention map per head, linear in H·W.
+
+    On a channels-last map the queries, keys and values are read in place as (B, H·W, C) token matrices, and the
+    L2 normalisation over H·W is applied to the C×C product instead of to q and k:
+    normalize(q)ᵀ·normalize(k) = diag(1/|q|)·qᵀk·diag(1/|k|). Same maths, no (B, C, H·W) copies.
+    """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = False) -> None:
         super().__init__()
@@ -61,13 +76,27 @@ class TransAttention(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_dwconv(self.qkv(x))
+        if is_channels_last(qkv):
+            return self.project_out(self._attend_tokens(qkv))
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = qkv.chunk(3, dim=1)
         q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
         return self.project_out((attn @ v).reshape(b, c, h, w))
+
+    def _attend_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
+        b, c3, h, w = qkv.shape
+        c, heads = c3 // 3, self.num_heads
+        tokens = qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3)  # a view of the channels-last memory
+        norms = tokens[..., :2 * c].square().sum(1).sqrt().clamp_min(NORMALIZE_EPS).view(b, 2, heads, -1, 1)
+        q, k, v = (tokens[..., i * c:(i + 1) * c].unflatten(-1, (heads, -1)).transpose(1, 2) for i in range(3))
+        gram = q.transpose(-2, -1) @ k  # (B, heads, C/heads, C/heads)
+        attn = (gram / (norms[:, 0] * norms[:, 1].transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        out = (v @ attn.transpose(-2, -1)).transpose(1, 2).reshape(b, h, w, c)
+        return out.permute(0, 3, 1, 2)
 
 
 class KBBlockL(nn.Module):
@@ -161,7 +190,7 @@ class KBNetL(nn.Module):
 
     def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
         h, w = inp_img.shape[-2:]
-        inp = pad_to_multiple(inp_img, SIZE_MULTIPLE, "reflect")
+        inp = to_channels_last(pad_to_multiple(inp_img, SIZE_MULTIPLE, "reflect"))
         enc1 = self.encoder_level1(self.patch_embed(inp))
         enc2 = self.encoder_level2(self.down1_2(enc1))
         enc3 = self.encoder_level3(self.down2_3(enc2))
@@ -172,4 +201,4 @@ class KBNetL(nn.Module):
         out = self.output(self.refinement(dec1))
         if self.residual:
             out = out + inp
-        return out[:, :, :h, :w]
+        return out[:, :, :h, :w].contiguous()

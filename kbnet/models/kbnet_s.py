@@ -14,6 +14,7 @@ from kbnet.models.layers import (
     kernel_bases,
     pad_to_multiple,
     scale_parameter,
+    to_channels_last,
 )
 
 SPATIAL_GROUP_CHANNELS = 4
@@ -65,13 +66,13 @@ class KBBlockS(nn.Module):
         x = self.norm1(inp)
         sca = self.sca(x)
         x1 = self.conv11(x)
-        att = self.conv2(x) * self.attgamma + self.conv211(x)
+        att = torch.addcmul(self.conv211(x), self.conv2(x), self.attgamma)
         uf = self.conv21(self.conv1(x))
-        x = self.kba(uf, att, self.w, self.b) * self.ga1 + uf
+        x = torch.addcmul(uf, self.kba(uf, att, self.w, self.b), self.ga1)
         x = self.conv3(x * x1 * sca)
-        y = inp + x * self.beta
+        y = torch.addcmul(inp, x, self.beta)
         x = self.conv5(self.sg(self.conv4(self.norm2(y))))
-        return y + x * self.gamma
+        return torch.addcmul(y, x, self.gamma)
 
 
 class KBNetS(nn.Module):
@@ -114,7 +115,7 @@ class KBNetS(nn.Module):
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         h, w = inp.shape[-2:]
-        inp = pad_to_multiple(inp, self.padder_size, "constant")
+        inp = to_channels_last(pad_to_multiple(inp, self.padder_size, "constant"))
         x = self.intro(inp)
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):
@@ -125,4 +126,4 @@ class KBNetS(nn.Module):
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips), strict=True):
             x = decoder(up(x) + skip)
         x = self.ending(x) + inp
-        return x[:, :, :h, :w]
+        return x[:, :, :h, :w].contiguous()

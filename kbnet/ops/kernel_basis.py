@@ -1,4 +1,4 @@
-"""Kernel basis attention (KBA), the pixel-adaptive operator of KBNet.
+"""Kernel basis attention (KBA), the pixel-adaptive operator of KBNet, and the choice of its implementation.
 
 For every pixel p the ``nset`` learnable kernel bases ``W_n`` (grouped k×k convolutions) and bias bases ``b_n`` are
 mixed by the predicted coefficients ``att[:, n, p]`` and the fused kernel is applied to the neighbourhood of p:
@@ -8,17 +8,28 @@ mixed by the predicted coefficients ``att[:, n, p]`` and the fused kernel is app
 Layouts are the official ones: ``weight`` (1, nset, C·(C/groups)·k²), per basis out-channel major, then the
 in-channel within the group, then kh, kw; ``bias`` (1, nset, C).
 
-The operator works on horizontal slabs of rows, so no full-size fused-kernel tensor ever exists (the official code
-allocates B·H·W·C·(C/groups)·k² values at once), and keeps only its four inputs for backward, recomputing the fused
-kernels slab by slab. Under ``torch.autocast`` it runs in the autocast dtype with every operand cast to it, which the
-official function cannot do. Double backward is supported: the backward is written in differentiable operations on
-the saved inputs, so autograd records it whenever a graph of the gradient is requested (``create_graph=True``).
+Three implementations compute the same maths (``IMPLEMENTATIONS``): the fused C++ kernels of ``kbnet.ops.native``
+(CPU), horizontal slabs of rows in plain PyTorch (any device and dtype), and the official formulation
+(``kba_reference``, the yardstick). Neither of the first two ever holds the B·H·W·C·(C/groups)·k² fused-kernel
+tensor the official code allocates, and both keep only their four inputs for backward, recomputing the rest. Under
+``torch.autocast`` every operand is cast consistently, which the official function cannot do. Double backward is
+supported: the slab backward is written in differentiable operations on the saved inputs, so autograd records it
+whenever a graph of the gradient is requested (``create_graph=True``).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
+
+from kbnet.ops import native
+from kbnet.ops.kba_reference import kba_reference
 
 SLAB_BYTES = 64 * 2**20
 """Budget for the transient per-slab tensors; small enough to stay in the last-level cache of large CPUs."""
@@ -108,7 +119,7 @@ def _backward(x, att, weight, bias, grad_out, k, groups):
     return grad_xp[:, :, p:p + h, p:p + w], grad_att, grad_weight, grad_bias
 
 
-class _KBA(torch.autograd.Function):
+class _KBATorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, att, weight, bias, kernel_size: int, groups: int):  # type: ignore[override]
         ctx.save_for_backward(x, att, weight, bias)
@@ -122,8 +133,88 @@ class _KBA(torch.autograd.Function):
         return (*grads, None, None)
 
 
+class _KBANative(torch.autograd.Function):
+    """The fused CPU kernels; a gradient of the gradient (``create_graph=True``) is recorded through the
+    differentiable PyTorch backward instead, so double backward works here too."""
+
+    @staticmethod
+    def forward(ctx, x, att, weight, bias, kernel_size: int, groups: int):  # type: ignore[override]
+        ctx.save_for_backward(x, att, weight, bias)
+        ctx.kernel_size, ctx.groups = kernel_size, groups
+        return native.forward(x, att, weight, bias, kernel_size, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, att, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _backward(x, att, weight, bias, grad_out.contiguous(), ctx.kernel_size, ctx.groups)
+        else:
+            grads = native.backward(x, att, weight, bias, grad_out, ctx.kernel_size, ctx.groups)
+        return (*grads, None, None)
+
+
+IMPLEMENTATIONS = ("auto", "native", "torch", "reference")
+"""``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group); ``torch``: row slabs in plain
+PyTorch (any device and dtype); ``reference``: the official formulation; ``auto``: native where it applies, else
+torch."""
+
+_ENV = "KBNET_KBA"
+_current: ContextVar[str | None] = ContextVar("kbnet_kba_impl", default=None)
+_warned_native = False
+
+
+def _validate(impl: str, origin: str) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{origin}: unknown KBA implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
+    return impl
+
+
+def default_impl() -> str:
+    """The implementation ``kba`` uses when none is given: ``use_kba``'s, else ``$KBNET_KBA``, else ``auto``."""
+    current = _current.get()
+    if current is not None:
+        return current
+    return _validate(os.environ.get(_ENV, "auto"), f"environment variable {_ENV}")
+
+
+@contextmanager
+def use_kba(impl: str) -> Iterator[None]:
+    """Run every ``kba`` call without an explicit implementation inside the block with ``impl``.
+
+    E.g. ``with use_kba("reference"): model(x)`` runs a whole network on the official formulation.
+    """
+    token = _current.set(_validate(impl, "use_kba"))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _resolve(impl: str, x: torch.Tensor, groups: int) -> str:
+    global _warned_native
+    if impl == "native":
+        if not native.supports(x, groups):
+            raise ValueError(f"kba: the native implementation needs a CPU tensor of dtype float32/float64 (bf16/fp16 "
+                             f"under autocast) and {native.GROUP_CHANNELS} channels per group; got a "
+                             f"{x.device.type} {x.dtype} tensor with {x.shape[1] // groups} channels per group")
+        if not native.available():
+            raise RuntimeError(f"kba: the native implementation is unavailable: {native.unavailable_reason()}")
+        return impl
+    if impl != "auto":
+        return impl
+    if not native.supports(x, groups):
+        return "torch"
+    if native.available():
+        return "native"
+    if not _warned_native:
+        warnings.warn(f"kba: using the slower PyTorch implementation, the native kernels are unavailable: "
+                      f"{native.unavailable_reason()}", RuntimeWarning, stacklevel=3)
+        _warned_native = True
+    return "torch"
+
+
 def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
-        groups: int) -> torch.Tensor:
+        groups: int, impl: str | None = None) -> torch.Tensor:
     """Kernel basis attention.
 
     Args:
@@ -133,12 +224,27 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         bias: bias bases, (1, nset, C).
         kernel_size: k, odd; zero padding k//2 keeps the size.
         groups: number of channel groups of the grouped kernels.
+        impl: one of ``IMPLEMENTATIONS``; ``None`` uses ``default_impl()``.
+
+    Under ``torch.autocast`` the result has the autocast dtype; the native kernels compute it in float32, the others
+    in the autocast dtype.
     """
     _check(x, att, weight, bias, kernel_size, groups)
+    impl = _validate(impl, "kba") if impl is not None else default_impl()
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast:
         dtype = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            return _KBA.apply(x.to(dtype), att.to(dtype), weight.to(dtype), bias.to(dtype), kernel_size, groups)
-    dtype = torch.promote_types(torch.promote_types(x.dtype, att.dtype), torch.promote_types(weight.dtype, bias.dtype))
-    return _KBA.apply(x.to(dtype), att.to(dtype), weight.to(dtype), bias.to(dtype), kernel_size, groups)
+        compute = torch.float32 if impl in ("auto", "native") and native.supports(x, groups, torch.float32) else dtype
+    else:
+        dtype = compute = torch.promote_types(torch.promote_types(x.dtype, att.dtype),
+                                              torch.promote_types(weight.dtype, bias.dtype))
+    operands = (x.to(compute), att.to(compute), weight.to(compute), bias.to(compute))
+    with torch.autocast(device, enabled=False) if autocast else nullcontext():
+        chosen = _resolve(impl, operands[0], groups)
+        if chosen == "reference":
+            out = kba_reference(*operands, kernel_size, groups)
+        else:
+            function = _KBANative if chosen == "native" else _KBATorch
+            out = function.apply(*operands, kernel_size, groups)
+    return out.to(dtype)

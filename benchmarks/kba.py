@@ -1,0 +1,180 @@
+"""KBA alone: ``kbnet.ops.kba`` against the official formulation at every per-level shape of KBNet_s and KBNet_l.
+
+    python -m benchmarks.kba                 # the full table (takes several minutes on 2 cores)
+    python -m benchmarks.kba --quick         # tiny shapes, one repeat: a smoke run
+
+For each shape (spec §1.2/§1.3 levels at a 128² and a 256² input, batch 1 and 2) it times the forward pass and
+forward+backward (gradients of all four inputs), interleaving the implementations, and measures their peak memory
+in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means ours is faster or
+leaner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.common import (
+    MEMORY_METHOD,
+    machine_line,
+    markdown_table,
+    matmul_gflops,
+    memory_supported,
+    mib,
+    ms,
+    peak_bytes,
+    ratio,
+    run_worker,
+    time_calls,
+)
+from kbnet.ops import IMPLEMENTATIONS, kba
+
+NSET = 32
+KERNEL = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One KBA call: ``channels`` at 1/``scale`` of an ``input_size``² image, ``group_channels`` per group."""
+
+    net: str
+    level: str
+    channels: int
+    group_channels: int
+    scale: int
+    input_size: int
+    batch: int
+
+    @property
+    def size(self) -> int:
+        return self.input_size // self.scale
+
+    @property
+    def groups(self) -> int:
+        return self.channels // self.group_channels
+
+    @property
+    def gmacs(self) -> float:
+        """Multiply-accumulates of the kernel fusion and application in the official formulation (spec §1.5)."""
+        per_basis = self.channels * self.group_channels * KERNEL**2
+        return self.batch * self.size**2 * (per_basis * (NSET + 1) + NSET * self.channels) / 1e9
+
+
+LEVELS = {  # spec §1.2 and §1.3: (level, channels entering KBA, downscale)
+    "KBNet_s": (4, [("L1", 64, 1), ("L2", 128, 2), ("L3", 256, 4), ("L4", 512, 8), ("middle", 1024, 16)]),
+    "KBNet_l": (2, [("enc1", 72, 1), ("dec1/refine", 144, 1), ("L2", 144, 2), ("L3", 288, 4), ("latent", 576, 8)]),
+}
+QUICK_LEVELS = {"KBNet_s": (4, [("L1/8", 8, 1), ("L2/8", 16, 2)]), "KBNet_l": (2, [("L1/8", 18, 1)])}
+
+
+def cases(quick: bool) -> list[Case]:
+    levels, sizes, batches = (QUICK_LEVELS, (32,), (1, 2)) if quick else (LEVELS, (128, 256), (1, 2))
+    return [Case(net, level, c, gc, scale, size, batch)
+            for net, (gc, net_levels) in levels.items() for level, c, scale in net_levels
+            for size in sizes for batch in batches]
+
+
+def inputs(case: Case, requires_grad: bool) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    c, s, gc = case.channels, case.size, case.group_channels
+    tensors = [torch.randn(case.batch, c, s, s, generator=gen), torch.randn(case.batch, NSET, s, s, generator=gen),
+               torch.randn(1, NSET, c * gc * KERNEL**2, generator=gen) * 0.01,
+               torch.randn(1, NSET, c, generator=gen) * 0.01]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def step(case: Case, impl: str, backward: bool, tensors: list[torch.Tensor], grad: torch.Tensor):
+    """The measured call: forward only (no graph) or forward and backward."""
+    def run() -> None:
+        if backward:
+            for t in tensors:
+                t.grad = None
+            kba(*tensors, KERNEL, case.groups, impl=impl).backward(grad)
+        else:
+            with torch.no_grad():
+                kba(*tensors, KERNEL, case.groups, impl=impl)
+    return run
+
+
+def worker(payload: dict) -> dict:
+    """Peak memory of one implementation on every case (runs in a fresh process)."""
+    torch.set_num_threads(payload["threads"])
+    peaks = []
+    for fields in payload["cases"]:
+        case = Case(**fields)
+        tensors = inputs(case, requires_grad=True)
+        grad = torch.randn(case.batch, case.channels, case.size, case.size)
+        peaks.append({mode: peak_bytes(step(case, payload["impl"], mode == "fwd+bwd", tensors, grad))
+                      for mode in ("fwd", "fwd+bwd")})
+    return {"peaks": peaks}
+
+
+def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, threads: int, memory: bool) -> list[dict]:
+    peaks = {impl: run_worker("benchmarks.kba", {"impl": impl, "threads": threads,
+                                                 "cases": [asdict(c) for c in selected]}, threads)["peaks"]
+             for impl in impls} if memory else {}
+    results = []
+    for i, case in enumerate(selected):
+        tensors = inputs(case, requires_grad=True)
+        grad = torch.randn(case.batch, case.channels, case.size, case.size)
+        row = {"case": case}
+        for mode in ("fwd", "fwd+bwd"):
+            row[mode] = time_calls({impl: step(case, impl, mode == "fwd+bwd", tensors, grad) for impl in impls},
+                                   repeats)
+        row["peak"] = {impl: peaks[impl][i] for impl in peaks}
+        results.append(row)
+    return results
+
+
+def report(results: list[dict], impls: Sequence[str]) -> str:
+    ours, ref = impls[0], impls[-1]
+    header = ["net", "level", "C/gc", "H×W", "B", "GMAC",
+              f"fwd {ours} ms", f"fwd {ref} ms", "fwd ×", f"f+b {ours} ms", f"f+b {ref} ms", "f+b ×", "f+b CPU-time ×",
+              f"f+b peak {ours} MiB", f"f+b peak {ref} MiB", "memory ×", f"fwd peak {ours} MiB", f"fwd peak {ref} MiB"]
+    rows = []
+    for r in results:
+        c, fwd, fb, peak = r["case"], r["fwd"], r["fwd+bwd"], r["peak"]
+        mem = [mib(peak[ours]["fwd+bwd"]), mib(peak[ref]["fwd+bwd"]),
+               ratio(peak[ref]["fwd+bwd"], peak[ours]["fwd+bwd"]),
+               mib(peak[ours]["fwd"]), mib(peak[ref]["fwd"])] if peak else ["n/a"] * 5
+        rows.append([c.net, c.level, f"{c.channels}/{c.group_channels}", f"{c.size}²", c.batch, f"{c.gmacs:.2f}",
+                     ms(fwd[ours].wall), ms(fwd[ref].wall), ratio(fwd[ref].wall, fwd[ours].wall),
+                     ms(fb[ours].wall), ms(fb[ref].wall), ratio(fb[ref].wall, fb[ours].wall),
+                     ratio(fb[ref].cpu, fb[ours].cpu), *mem])
+    return markdown_table(header, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and one repeat (smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5; quick 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--impls", default="auto,reference",
+                        help=f"comma-separated implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in IMPLEMENTATIONS]
+    if len(impls) < 2 or unknown:
+        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 5)
+    memory = not args.no_memory and memory_supported()
+    results = measure(cases(args.quick), impls, repeats, args.threads, memory)
+    mm = matmul_gflops(1024 if args.quick else 2048)
+    print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32. {machine_line(args.threads, mm)}. "
+          f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
+          f"Peak memory: {MEMORY_METHOD if memory else 'not measured'}.\n")
+    print(report(results, impls))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Whole backbones: each preset with ``kbnet.ops.kba`` against the same network running the official KBA.
+
+    python -m benchmarks.models              # full tables (about half an hour on 2 cores)
+    python -m benchmarks.models --quick      # tiny presets at 16², one repeat: a smoke run
+    python -m benchmarks.models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
+
+Measured per preset: inference on one 256² image, and one training step at 128², batch 2 (forward, L1 loss,
+backward, AdamW step): median time and peak memory of both variants, their ratios, the achieved GFLOP/s and the
+"floor", the time the operation's FLOPs would take at the machine's measured matmul rate (FLOPs: every conv and
+matmul MAC ×2, KBA counted in the official formulation; a training step counted as 3× the forward). The largest
+image each variant restores in one piece within the memory budget comes from the inference peaks at two sizes
+(memory grows linearly with the pixel count) plus the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    MEMORY_METHOD,
+    machine_line,
+    markdown_table,
+    matmul_gflops,
+    memory_supported,
+    mib,
+    ms,
+    peak_bytes,
+    ratio,
+    run_worker,
+    time_calls,
+)
+from kbnet.models import create_model
+from kbnet.models.summary import count_macs, count_parameters
+from kbnet.ops import IMPLEMENTATIONS, use_kba
+
+FULL = {"models": ("kbnet_s_sidd", "kbnet_s", "kbnet_l"), "infer": 256, "train": 128, "fit": (128, 256)}
+QUICK = {"models": ("kbnet_s_tiny", "kbnet_l_tiny"), "infer": 16, "train": 16, "fit": (8, 16)}
+TRAIN_BATCH = 2
+SIZE_MULTIPLE = 16
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(name)
+
+
+def inference(model: torch.nn.Module, impl: str, size: int):
+    x = torch.rand(1, 3, size, size)
+
+    def run() -> None:
+        with torch.no_grad(), use_kba(impl):
+            model(x)
+    return run
+
+
+def training_step(model: torch.nn.Module, impl: str, size: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.rand(TRAIN_BATCH, 3, size, size), torch.rand(TRAIN_BATCH, 3, size, size)
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with use_kba(impl):
+            F.l1_loss(model(x), y).backward()
+        optimizer.step()
+    return run
+
+
+def worker(payload: dict) -> dict:
+    """Peak memory of one preset with one KBA implementation (runs in a fresh process)."""
+    torch.set_num_threads(payload["threads"])
+    impl = payload["impl"]
+    model = build(payload["model"]).eval()
+    fit = {size: peak_bytes(inference(model, impl, size)) for size in payload["fit"]}
+    verify = {size: peak_bytes(inference(model, impl, size)) for size in payload["verify"]}
+    train = peak_bytes(training_step(model.train(), impl, payload["train"]))
+    return {"fit": fit, "verify": verify, "train": train}
+
+
+def largest_side(fit: dict[str, int], weights: int, budget: int) -> int:
+    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget."""
+    (s0, p0), (s1, p1) = sorted((int(s), p) for s, p in fit.items())
+    per_pixel = (p1 - p0) / (s1**2 - s0**2)
+    fixed = p0 - per_pixel * s0**2
+    pixels = (budget - weights - fixed) / per_pixel
+    return int(math.sqrt(max(pixels, 0)) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+
+def predicted_peak(fit: dict[str, int], weights: int, side: int) -> float:
+    (s0, p0), (s1, p1) = sorted((int(s), p) for s, p in fit.items())
+    per_pixel = (p1 - p0) / (s1**2 - s0**2)
+    return weights + p0 + per_pixel * (side**2 - s0**2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny presets at 16², one repeat (smoke run)")
+    parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3; quick 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--impls", default="auto,reference",
+                        help=f"KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
+    parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest image (GiB)")
+    parser.add_argument("--verify-size", type=int, nargs="*", default=[],
+                        help="also measure the subject's peak restoring one image of this side (slow)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    setup = QUICK if args.quick else FULL
+    models = args.models or setup["models"]
+    impls = args.impls.split(",")
+    if len(impls) < 2 or any(i not in IMPLEMENTATIONS for i in impls):
+        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 3)
+    memory = not args.no_memory and memory_supported()
+    mm = matmul_gflops(1024 if args.quick else 2048)
+    budget = int(args.budget_gb * 2**30)
+    ours, ref = impls[0], impls[-1]
+
+    speed_rows, memory_rows = [], []
+    for name in models:
+        model = build(name)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        for task, size, batch in (("inference", setup["infer"], 1), ("train step", setup["train"], TRAIN_BATCH)):
+            model.train(task != "inference")
+            make = inference if task == "inference" else training_step
+            timing = time_calls({impl: make(model, impl, size) for impl in impls}, repeats)
+            flops = 2 * count_macs(model, (3, size, size), include_matmul=True) * batch * (1 if task == "inference"
+                                                                                            else 3)
+            floor = flops / (mm * 1e9)
+            speed_rows.append([name, task, f"{size}²×{batch}", f"{flops / 1e9:.0f}",
+                               ms(timing[ours].wall), ms(timing[ref].wall), ratio(timing[ref].wall, timing[ours].wall),
+                               ratio(timing[ref].cpu, timing[ours].cpu),
+                               f"{flops / timing[ours].wall / 1e9:.1f}", f"{flops / timing[ref].wall / 1e9:.1f}",
+                               ms(floor), ratio(timing[ours].wall, floor)])
+        if memory:
+            peaks = {impl: run_worker("benchmarks.models", {
+                "model": name, "impl": impl, "threads": args.threads, "fit": setup["fit"], "train": setup["train"],
+                "verify": args.verify_size if impl == ours else []}, args.threads) for impl in impls}
+            infer_key = str(setup["infer"])
+            memory_rows.append([
+                name, f"{count_parameters(model) / 1e6:.1f}",
+                mib(peaks[ours]["fit"][infer_key]), mib(peaks[ref]["fit"][infer_key]),
+                ratio(peaks[ref]["fit"][infer_key], peaks[ours]["fit"][infer_key]),
+                mib(peaks[ours]["train"]), mib(peaks[ref]["train"]), ratio(peaks[ref]["train"], peaks[ours]["train"]),
+                f"{largest_side(peaks[ours]['fit'], weights, budget)}²",
+                f"{largest_side(peaks[ref]['fit'], weights, budget)}²",
+                f"{predicted_peak(peaks[ours]['fit'], weights, 2048) / 2**30:.1f}",
+                f"{predicted_peak(peaks[ref]['fit'], weights, 2048) / 2**30:.1f}",
+                ", ".join(f"{s}²: {(weights + p) / 2**30:.2f} GiB" for s, p in peaks[ours]["verify"].items()) or "-"])
+        del model
+
+    print(f"Backbones, float32. {machine_line(args.threads, mm)}. Times: median of {repeats} wall-clock runs, "
+          f"variants interleaved; × = {ref} / {ours} (CPU-time × uses the process CPU time, less sensitive to other "
+          f"load); floor = FLOPs at the matmul rate.\n")
+    print(markdown_table(["model", "task", "input", "GFLOP", f"{ours} ms", f"{ref} ms", "×", "CPU-time ×",
+                          f"{ours} GFLOP/s", f"{ref} GFLOP/s", "floor ms", f"{ours} / floor"], speed_rows))
+    if memory:
+        print(f"\nPeak memory ({MEMORY_METHOD}); largest square image restored in one piece within "
+              f"{args.budget_gb:g} GiB = weights + working memory, extrapolated linearly from the inference peaks "
+              f"at {setup['fit'][0]}² and {setup['fit'][1]}².\n")
+        print(markdown_table(["model", "params (M)", f"infer {ours} MiB", f"infer {ref} MiB", "×",
+                              f"train {ours} MiB", f"train {ref} MiB", "×", f"largest {ours}", f"largest {ref}",
+                              f"2048² {ours} GiB (pred.)", f"2048² {ref} GiB (pred.)", f"measured {ours}"],
+                             memory_rows))
+
+
+if __name__ == "__main__":
+    main()

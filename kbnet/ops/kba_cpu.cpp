@@ -1,0 +1,528 @@
+// Fused CPU kernels of kernel basis attention (KBA), built on first use by kbnet/ops/native.py.
+//
+// Why a native kernel: the official formulation materialises the fused kernel of every pixel (B·H·W·C·gc·k²
+// values) and applies it with tiny batched mat-vecs, which is memory-bound. Here the bases are applied to the
+// neighbourhood of a few pixels held in SIMD registers and mixed right away, so nothing bigger than a register
+// block exists and the arithmetic runs at FMA speed. Same maths, different contraction order:
+//     out[c=q·gc+r, p] = Σ_n a[n,p] · (bias[n,c] + Σ_j W[n,q,r,j] · u[q,j,p]),   j = (s, ky, kx).
+//
+// Layouts (all contiguous, prepared by native.py):
+//   Positions p index a plane of length Lo (a multiple of kba_alignment()); positions without a pixel carry zero
+//   coefficients and zero grad_out, so they contribute nothing and their outputs are discarded.
+//   The neighbourhood value u[q,j,p] of channel group q is read at  xp[(b·C + q·gc)·cs + off[j] + p]: with a
+//   zero-padded image flattened row by row (p = y·Wp + x) off[j] = s·cs + ky·Wp + kx; with unfolded columns
+//   (im2col, used for small images where padded rows would waste positions) off[j] = j·Lo and cs = k²·Lo.
+//   ap (B, N, Lo) coefficients · gp (B, C, Lo) grad_out · out (B, C, Lo)
+//   w (N, C·gc·k²) kernel bases and bias (N, C) in the official layout (per basis: out-channel, in-channel of the
+//   group, ky, kx), so the bases are read and their gradients written without any reordering copy.
+// Vectors are GCC vector extensions (32 bytes: 8 floats or 4 doubles), so the code is plain C++ for any target.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(32))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(32))); };
+template <typename T> using Vec = typename VecOf<T>::type;
+template <typename T> constexpr int kLanes = 32 / sizeof(T);
+
+// Positions per chunk of the grad_x / grad_w kernel: one sweep of either part then reads 16 KB of a·g products,
+// which stay in L1 for the next taps.
+constexpr int64_t kChunk = 128;
+template <typename T> constexpr int64_t kAlignment = kLanes<T>;
+template <typename T> constexpr int64_t kLineFloats = 64 / sizeof(T);
+
+template <typename T> inline Vec<T> load(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
+// s - 0 is s for every s (s + 0 is not: -0 + 0 = +0), so this folds to a single broadcast from memory.
+template <typename T> inline Vec<T> splat(T s) { return s - Vec<T>{}; }
+
+// A cache-line aligned scratch buffer, zero on creation (std::vector only guarantees the alignment of T).
+template <typename T> class Buffer {
+ public:
+  explicit Buffer(int64_t n) : n_(n), p_(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64))) {
+    zero();
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+  void zero() { std::memset(p_, 0, n_ * sizeof(T)); }
+
+ private:
+  int64_t n_;
+  T* p_;
+};
+
+struct Dims {
+  int64_t batch, channels, nset, ksize, gc, chan_stride, len;
+  int64_t groups() const { return channels / gc; }
+  int64_t taps() const { return gc * ksize * ksize; }
+  int64_t basis_size() const { return channels * taps(); }  // one basis: C·gc·k² values
+};
+
+// Split [0, Lo) into about `parts` ranges that are multiples of the vector length.
+template <typename T> inline void range_of(int64_t part, int64_t parts, int64_t len, int64_t& begin, int64_t& end) {
+  const int64_t vectors = len / kLanes<T>;
+  begin = vectors * part / parts * kLanes<T>;
+  end = vectors * (part + 1) / parts * kLanes<T>;
+}
+
+// tk[m][r][i] = bias[n+m,r] + Σ_j W[n+m,r,j]·u[j, p + i·lanes] for NB bases n.. of one group: the shared inner
+// loop. wn points at W[n, q·gc·J] (row r at r·J, next basis at +S), bn at bias[n, q·gc] (next basis at +C).
+template <typename T, int NB, int GC, int PB>
+inline void apply_bases(const T* x0, const int64_t* off, const Dims& d, const T* wn, const T* bn, int64_t p,
+                        Vec<T> (&tk)[NB][GC][PB]) {
+  constexpr int V = kLanes<T>;
+  const int64_t J = d.taps(), S = d.basis_size();
+  for (int m = 0; m < NB; ++m)
+    for (int r = 0; r < GC; ++r)
+      for (int i = 0; i < PB; ++i) tk[m][r][i] = splat<T>(bn[m * d.channels + r]);
+  for (int64_t j = 0; j < J; ++j) {
+    const T* xj = x0 + off[j] + p;
+    Vec<T> u[PB];
+    for (int i = 0; i < PB; ++i) u[i] = load(xj + i * V);
+    for (int m = 0; m < NB; ++m)
+      for (int r = 0; r < GC; ++r) {
+        const Vec<T> w = splat<T>(wn[m * S + r * J + j]);
+        for (int i = 0; i < PB; ++i) tk[m][r][i] += w * u[i];
+      }
+  }
+}
+
+// Register blocking: NB bases × gc rows × PB position vectors = 12 basis accumulators (enough to hide the FMA
+// latency) plus PB inputs and a broadcast fill the 16 vector registers; the mixing accumulators spill, they are
+// touched once per NB bases. Shorter blocks finish each range, single bases finish an odd nset.
+constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
+constexpr int blocking(int gc) { return gc <= 4 ? 3 : 1; }
+
+template <typename T, int NB, int GC, int PB>
+inline void forward_bases(const T* x0, const T* a0, const T* w, const T* bias, const int64_t* off, const Dims& d,
+                          int64_t q, int64_t p, int64_t n, Vec<T> (&acc)[GC][PB]) {
+  Vec<T> tk[NB][GC][PB];
+  apply_bases<T, NB, GC, PB>(x0, off, d, w + n * d.basis_size() + q * GC * d.taps(),
+                             bias + n * d.channels + q * GC, p, tk);
+  for (int m = 0; m < NB; ++m)
+    for (int i = 0; i < PB; ++i) {
+      const Vec<T> a = load(a0 + (n + m) * d.len + p + i * kLanes<T>);
+      for (int r = 0; r < GC; ++r) acc[r][i] += a * tk[m][r][i];
+    }
+}
+
+template <typename T, int GC, int PB>
+inline void forward_block(const T* x0, const T* a0, const T* w, const T* bias, T* o0, const int64_t* off,
+                          const Dims& d, int64_t q, int64_t p) {
+  constexpr int NB = bases_per_pass(GC);
+  Vec<T> acc[GC][PB] = {};
+  int64_t n = 0;
+  for (; n + NB <= d.nset; n += NB) forward_bases<T, NB, GC, PB>(x0, a0, w, bias, off, d, q, p, n, acc);
+  for (; n < d.nset; ++n) forward_bases<T, 1, GC, PB>(x0, a0, w, bias, off, d, q, p, n, acc);
+  for (int r = 0; r < GC; ++r)
+    for (int i = 0; i < PB; ++i) store(o0 + r * d.len + p + i * kLanes<T>, acc[r][i]);
+}
+
+template <typename T, int GC>
+void forward(const T* xp, const int64_t* off, const T* ap, const T* w, const T* bias, T* out, const Dims& d,
+             int64_t parts, int threads) {
+  constexpr int PB = blocking(GC);
+  const int64_t G = d.groups();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < d.batch * G * parts; ++t) {
+    const int64_t b = t / (G * parts), q = t / parts % G;
+    int64_t begin, end;
+    range_of<T>(t % parts, parts, d.len, begin, end);
+    const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+    const T* a0 = ap + b * d.nset * d.len;
+    T* o0 = out + (b * d.channels + q * GC) * d.len;
+    int64_t p = begin;
+    for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>) forward_block<T, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
+    for (; p < end; p += kLanes<T>) forward_block<T, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
+  }
+}
+
+template <typename T, int NB, int GC, int PB>
+inline void grad_att_bases(const T* x0, const T* g0, const T* w, const T* bias, T* d0, const int64_t* off,
+                           const Dims& d, int64_t q, int64_t p, int64_t n) {
+  constexpr int V = kLanes<T>;
+  Vec<T> tk[NB][GC][PB];
+  apply_bases<T, NB, GC, PB>(x0, off, d, w + n * d.basis_size() + q * GC * d.taps(),
+                             bias + n * d.channels + q * GC, p, tk);
+  for (int m = 0; m < NB; ++m)
+    for (int i = 0; i < PB; ++i) {
+      T* dst = d0 + (n + m) * d.len + p + i * V;
+      Vec<T> s = load(dst);
+      for (int r = 0; r < GC; ++r) s += load(g0 + r * d.len + p + i * V) * tk[m][r][i];
+      store(dst, s);
+    }
+}
+
+template <typename T, int GC, int PB>
+inline void grad_att_block(const T* x0, const T* g0, const T* w, const T* bias, T* d0, const int64_t* off,
+                           const Dims& d, int64_t q, int64_t p) {
+  constexpr int NB = bases_per_pass(GC);
+  int64_t n = 0;
+  for (; n + NB <= d.nset; n += NB) grad_att_bases<T, NB, GC, PB>(x0, g0, w, bias, d0, off, d, q, p, n);
+  for (; n < d.nset; ++n) grad_att_bases<T, 1, GC, PB>(x0, g0, w, bias, d0, off, d, q, p, n);
+}
+
+// datt[n,p] = Σ_q Σ_r g[q,r,p] · (bias[n,q,r] + Σ_j W[n,q,r,j]·u[q,j,p]). Tasks split the groups into `qblocks`
+// ranges, each summing into its own slice of `dpart` (qblocks, B, N, Lo; zero on entry), so no two threads
+// write the same value and small images still give every thread work.
+template <typename T, int GC>
+void grad_att(const T* xp, const int64_t* off, const T* gp, const T* w, const T* bias, T* dpart, const Dims& d,
+              int64_t parts, int64_t qblocks, int threads) {
+  constexpr int PB = blocking(GC);
+  const int64_t G = d.groups(), per_qblock = (G + qblocks - 1) / qblocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < qblocks * d.batch * parts; ++t) {
+    const int64_t qb = t / (d.batch * parts), b = t / parts % d.batch;
+    int64_t begin, end;
+    range_of<T>(t % parts, parts, d.len, begin, end);
+    T* d0 = dpart + (qb * d.batch + b) * d.nset * d.len;
+    for (int64_t q = qb * per_qblock; q < std::min(G, (qb + 1) * per_qblock); ++q) {
+      const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+      const T* g0 = gp + (b * d.channels + q * GC) * d.len;
+      int64_t p = begin;
+      for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
+        grad_att_block<T, GC, PB>(x0, g0, w, bias, d0, off, d, q, p);
+      for (; p < end; p += kLanes<T>) grad_att_block<T, GC, 1>(x0, g0, w, bias, d0, off, d, q, p);
+    }
+  }
+}
+
+// grad_x: dxp[q, off_j + p] += Σ_nr W[nr,j] · h[nr,p] for JB taps and PB position vectors; wq is (J, NR).
+template <typename T, int JB, int PB>
+inline void scatter_block(const T* h, int64_t stride, int64_t pb, int64_t nr_count, const T* wq, const int64_t* off,
+                          T* dx0, bool accumulate) {
+  constexpr int V = kLanes<T>;
+  Vec<T> acc[JB][PB] = {};
+  for (int64_t nr = 0; nr < nr_count; ++nr) {
+    Vec<T> hv[PB];
+    for (int i = 0; i < PB; ++i) hv[i] = load(h + nr * stride + pb + i * V);
+    for (int jj = 0; jj < JB; ++jj) {
+      const Vec<T> wv = splat<T>(wq[jj * nr_count + nr]);
+      for (int i = 0; i < PB; ++i) acc[jj][i] += wv * hv[i];
+    }
+  }
+  for (int jj = 0; jj < JB; ++jj)
+    for (int i = 0; i < PB; ++i) {
+      T* dst = dx0 + off[jj] + pb + i * V;
+      store(dst, accumulate ? load(dst) + acc[jj][i] : acc[jj][i]);
+    }
+}
+
+template <typename T, int JB>
+inline void scatter_taps(const T* h, int64_t stride, int64_t len, int64_t nr_count, const T* wq, const int64_t* off,
+                         T* dx0, bool accumulate) {
+  constexpr int V = kLanes<T>;
+  int64_t pb = 0;
+  for (; pb + 3 * V <= len; pb += 3 * V) scatter_block<T, JB, 3>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
+  for (; pb < len; pb += V) scatter_block<T, JB, 1>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
+}
+
+// grad_w: dwq[j, nr] += Σ_p u[j,p] · h[p, nr] for JB taps × NB vectors of nr; ht rows (one per p) have `stride`.
+template <typename T, int JB, int NB>
+inline void accumulate_taps(const T* ht, int64_t stride, int64_t len, const T* x0, const int64_t* off, int64_t p0,
+                            T* dwq, int64_t dw_stride) {
+  constexpr int V = kLanes<T>;
+  Vec<T> acc[JB][NB];
+  for (int jj = 0; jj < JB; ++jj)
+    for (int k = 0; k < NB; ++k) acc[jj][k] = load(dwq + jj * dw_stride + k * V);
+  for (int64_t p = 0; p < len; ++p) {
+    Vec<T> hv[NB];
+    for (int k = 0; k < NB; ++k) hv[k] = load(ht + p * stride + k * V);
+    for (int jj = 0; jj < JB; ++jj) {
+      const Vec<T> u = splat<T>(x0[off[jj] + p0 + p]);
+      for (int k = 0; k < NB; ++k) acc[jj][k] += u * hv[k];
+    }
+  }
+  for (int jj = 0; jj < JB; ++jj)
+    for (int k = 0; k < NB; ++k) store(dwq + jj * dw_stride + k * V, acc[jj][k]);
+}
+
+template <typename T, int NB>
+inline void accumulate_rows(const T* ht, int64_t stride, int64_t len, const T* x0, const int64_t* off, int64_t p0,
+                            int64_t J, T* dwq, int64_t dw_stride) {
+  int64_t j = 0;
+  for (; j + 3 <= J; j += 3)
+    accumulate_taps<T, 3, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
+  for (; j < J; ++j) accumulate_taps<T, 1, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
+}
+
+// One task per (b, q): no two tasks write the same dxp values, and dwpart (B, N, C·gc·k², official layout) gets
+// one partial per batch item, every value written. dxp is added to where taps overlap (padded rows, zero on
+// entry) or overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). h = a·g is kept in both orientations: p-contiguous rows for grad_x,
+// nr-contiguous rows (NRp = N·gc rounded up to whole vectors, zero padded) for grad_w, so neither needs a
+// horizontal sum.
+template <typename T, int GC>
+void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dwpart, const Dims& d,
+              bool accumulate, int threads) {
+  constexpr int V = kLanes<T>;
+  const int64_t G = d.groups(), N = d.nset, J = d.taps(), S = d.basis_size(), Lo = d.len, NR = N * GC;
+  const int64_t nrp = (NR + V - 1) / V * V;
+  const int64_t chunk = std::min(Lo, kChunk);
+  // Row strides one cache line longer than the rows: power-of-two strides would put every row in the same few
+  // L1 sets and evict them between the sweeps that reuse them.
+  const int64_t hs = chunk + kLineFloats<T>, hts = nrp + kLineFloats<T>;
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<T> h(NR * hs), ht(chunk * hts), wq(J * NR), dwq(J * nrp);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < d.batch * G; ++t) {
+      const int64_t b = t / G, q = t % G;
+      const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+      const T* a0 = ap + b * N * Lo;
+      const T* g0 = gp + (b * d.channels + q * GC) * Lo;
+      T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t j = 0; j < J; ++j) wq[j * NR + n * GC + r] = w[n * S + (q * GC + r) * J + j];
+      dwq.zero();
+      for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
+        const int64_t len = std::min(chunk, Lo - p0);
+        for (int64_t n = 0; n < N; ++n)
+          for (int r = 0; r < GC; ++r)
+            for (int64_t p = 0; p < len; ++p) {
+              const T v = a0[n * Lo + p0 + p] * g0[r * Lo + p0 + p];
+              h[(n * GC + r) * hs + p] = v;
+              ht[p * hts + n * GC + r] = v;
+            }
+        int64_t j = 0;
+        const T* hd = h.data();
+        for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dx0 + p0, accumulate);
+        for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dx0 + p0, accumulate);
+        for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dx0 + p0, accumulate);
+        int64_t nr = 0;
+        for (; nr + 4 * V <= nrp; nr += 4 * V)
+          accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+        for (; nr < nrp; nr += V)
+          accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+      }
+      T* dw0 = dwpart + b * N * S;
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t j = 0; j < J; ++j) dw0[n * S + (q * GC + r) * J + j] = dwq[j * nrp + n * GC + r];
+    }
+  }
+}
+
+// Layout changes between an image (B, C, H, W) with arbitrary strides (NCHW or channels-last) and the kernels'
+// flat planes (B, C, plane): pixel (y, x) sits at base + y·row + x. Positions without a pixel are zero after
+// pack. Channels-last images are transposed in lanes×lanes register tiles (torch's transposing copy is several
+// times slower).
+struct Image {
+  int64_t batch, channels, height, width, sb, sc, sh, sw;
+};
+
+template <typename T> struct Transpose;
+template <> struct Transpose<float> {
+  typedef int Mask __attribute__((vector_size(32)));
+  static void run(Vec<float> (&r)[8]) {
+    Vec<float> t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 8, 1, 9, 4, 12, 5, 13});
+      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4)
+      for (int k = 0; k < 2; ++k) {
+        u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], Mask{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], Mask{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = __builtin_shuffle(u[i], u[i + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11});
+      r[i + 4] = __builtin_shuffle(u[i], u[i + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+  }
+};
+template <> struct Transpose<double> {
+  typedef long long Mask __attribute__((vector_size(32)));
+  static void run(Vec<double> (&r)[4]) {
+    Vec<double> t[4];
+    for (int i = 0; i < 4; i += 2) {
+      t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 4, 2, 6});
+      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{1, 5, 3, 7});
+    }
+    for (int i = 0; i < 2; ++i) {
+      r[i] = __builtin_shuffle(t[i], t[i + 2], Mask{0, 1, 4, 5});
+      r[i + 2] = __builtin_shuffle(t[i], t[i + 2], Mask{2, 3, 6, 7});
+    }
+  }
+};
+
+// One image row <-> one row of every plane.
+template <typename T, bool ToPlanes>
+inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t base, int64_t row, int64_t b,
+                     int64_t y) {
+  constexpr int V = kLanes<T>;
+  T* src = img + b * im.sb + y * im.sh;
+  T* dst = planes + b * im.channels * plane + base + y * row;
+  auto scalar = [&](int64_t c, int64_t x) {
+    if (ToPlanes) dst[c * plane + x] = src[c * im.sc + x * im.sw];
+    else src[c * im.sc + x * im.sw] = dst[c * plane + x];
+  };
+  if (im.sc != 1) {
+    for (int64_t c = 0; c < im.channels; ++c)
+      for (int64_t x = 0; x < im.width; ++x) scalar(c, x);
+    return;
+  }
+  const int64_t cv = im.channels / V * V, xv = im.width / V * V;
+  for (int64_t c0 = 0; c0 < cv; c0 += V)
+    for (int64_t x0 = 0; x0 < xv; x0 += V) {
+      Vec<T> r[V];
+      for (int i = 0; i < V; ++i) r[i] = ToPlanes ? load(src + (x0 + i) * im.sw + c0) : load(dst + (c0 + i) * plane + x0);
+      Transpose<T>::run(r);
+      for (int i = 0; i < V; ++i) {
+        if (ToPlanes) store(dst + (c0 + i) * plane + x0, r[i]);
+        else store(src + (x0 + i) * im.sw + c0, r[i]);
+      }
+    }
+  for (int64_t c = 0; c < im.channels; ++c)
+    for (int64_t x = c < cv ? xv : 0; x < im.width; ++x) scalar(c, x);
+}
+
+template <typename T>
+void pack(const T* img, Image im, T* planes, int64_t plane, int64_t base, int64_t row, int threads) {
+  const int64_t last = base + (im.height - 1) * row + im.width;  // one past the last pixel
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < im.batch * im.height; ++t) {
+      const int64_t b = t / im.height, y = t % im.height;
+      copy_row<T, true>(const_cast<T*>(img), im, planes, plane, base, row, b, y);
+      if (y + 1 < im.height)
+        for (int64_t c = 0; c < im.channels; ++c)
+          std::fill_n(planes + (b * im.channels + c) * plane + base + y * row + im.width, row - im.width, T(0));
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < im.batch * im.channels; ++t) {
+      std::fill_n(planes + t * plane, base, T(0));
+      std::fill_n(planes + t * plane + last, plane - last, T(0));
+    }
+  }
+}
+
+template <typename T>
+void unpack(const T* planes, int64_t plane, int64_t base, int64_t row, T* img, Image im, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < im.batch * im.height; ++t)
+    copy_row<T, false>(img, im, const_cast<T*>(planes), plane, base, row, t / im.height, t % im.height);
+}
+
+// Columns (B, C, k, k, len) of an image with arbitrary strides: column (ky, kx) holds, at y·W + x, the pixel
+// (y + ky - k/2, x + kx - k/2) or 0 outside; positions from H·W on are 0. Every value is written.
+template <typename T>
+void unfold_columns(const T* img, Image im, int64_t k, T* cols, int64_t len, int threads) {
+  const int64_t pad = k / 2, hw = im.height * im.width;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < im.batch * im.channels; ++t) {
+    const int64_t b = t / im.channels, c = t % im.channels;
+    const T* src = img + b * im.sb + c * im.sc;
+    for (int64_t ky = 0; ky < k; ++ky)
+      for (int64_t kx = 0; kx < k; ++kx) {
+        T* dst = cols + (t * k * k + ky * k + kx) * len;
+        for (int64_t y = 0; y < im.height; ++y) {
+          const int64_t sy = y + ky - pad;
+          for (int64_t x = 0; x < im.width; ++x) {
+            const int64_t sx = x + kx - pad;
+            const bool inside = sy >= 0 && sy < im.height && sx >= 0 && sx < im.width;
+            dst[y * im.width + x] = inside ? src[sy * im.sh + sx * im.sw] : T(0);
+          }
+        }
+        std::fill_n(dst + hw, len - hw, T(0));
+      }
+  }
+}
+
+// The adjoint of unfold_columns: each pixel sums the column values that read it (col2im), into `img`.
+template <typename T>
+void fold_columns(const T* cols, int64_t len, int64_t k, T* img, Image im, int threads) {
+  const int64_t pad = k / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < im.batch * im.channels; ++t) {
+    const int64_t b = t / im.channels, c = t % im.channels;
+    T* dst = img + b * im.sb + c * im.sc;
+    const T* src = cols + t * k * k * len;
+    for (int64_t y = 0; y < im.height; ++y)
+      for (int64_t x = 0; x < im.width; ++x) {
+        T sum = 0;
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const int64_t oy = y - ky + pad;
+          if (oy < 0 || oy >= im.height) continue;
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t ox = x - kx + pad;
+            if (ox >= 0 && ox < im.width) sum += src[(ky * k + kx) * len + oy * im.width + ox];
+          }
+        }
+        dst[y * im.sh + x * im.sw] = sum;
+      }
+  }
+}
+
+template <typename T, template <typename, int> class F, typename... A>
+int dispatch_gc(int64_t gc, A... args) {
+  switch (gc) {
+    case 1: F<T, 1>::run(args...); return 0;
+    case 2: F<T, 2>::run(args...); return 0;
+    case 4: F<T, 4>::run(args...); return 0;
+    case 8: F<T, 8>::run(args...); return 0;
+    default: return -1;
+  }
+}
+
+template <typename T, int GC> struct Forward {
+  template <typename... A> static void run(A... args) { forward<T, GC>(args...); }
+};
+template <typename T, int GC> struct GradAtt {
+  template <typename... A> static void run(A... args) { grad_att<T, GC>(args...); }
+};
+template <typename T, int GC> struct GradXW {
+  template <typename... A> static void run(A... args) { grad_x_w<T, GC>(args...); }
+};
+
+}  // namespace
+
+#define KBA_DIMS_ARGS int64_t batch, int64_t channels, int64_t nset, int64_t ksize, int64_t gc, int64_t chan_stride, \
+                      int64_t len
+#define KBA_DIMS Dims{batch, channels, nset, ksize, gc, chan_stride, len}
+#define KBA_ENTRY_POINTS(T, SUFFIX)                                                                                  \
+  extern "C" int kba_forward_##SUFFIX(const T* xp, const int64_t* off, const T* ap, const T* w, const T* bias,       \
+                                      T* out, KBA_DIMS_ARGS, int64_t parts, int threads) {                          \
+    return dispatch_gc<T, Forward>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, threads);                         \
+  }                                                                                                                  \
+  extern "C" int kba_grad_att_##SUFFIX(const T* xp, const int64_t* off, const T* gp, const T* w, const T* bias,      \
+                                       T* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks, int threads) {       \
+    return dispatch_gc<T, GradAtt>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);             \
+  }                                                                                                                  \
+  extern "C" int kba_grad_x_w_##SUFFIX(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, \
+                                       T* dwpart, KBA_DIMS_ARGS, int64_t accumulate, int threads) {                  \
+    return dispatch_gc<T, GradXW>(gc, xp, off, ap, gp, w, dxp, dwpart, KBA_DIMS, accumulate != 0, threads);         \
+  }                                                                                                                  \
+  extern "C" int64_t kba_alignment_##SUFFIX() { return kAlignment<T>; }                                               \
+  extern "C" void kba_pack_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,     \
+                                    int64_t sb, int64_t sc, int64_t sh, int64_t sw, T* planes, int64_t plane,        \
+                                    int64_t base, int64_t row, int threads) {                                        \
+    pack<T>(img, Image{batch, channels, height, width, sb, sc, sh, sw}, planes, plane, base, row, threads);          \
+  }                                                                                                                  \
+  extern "C" void kba_unfold_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,   \
+                                      int64_t sb, int64_t sc, int64_t sh, int64_t sw, int64_t k, T* cols,            \
+                                      int64_t len, int threads) {                                                    \
+    unfold_columns<T>(img, Image{batch, channels, height, width, sb, sc, sh, sw}, k, cols, len, threads);            \
+  }                                                                                                                  \
+  extern "C" void kba_fold_##SUFFIX(const T* cols, int64_t len, int64_t k, T* img, int64_t batch, int64_t channels,  \
+                                    int64_t height, int64_t width, int64_t sb, int64_t sc, int64_t sh, int64_t sw,   \
+                                    int threads) {                                                                   \
+    fold_columns<T>(cols, len, k, img, Image{batch, channels, height, width, sb, sc, sh, sw}, threads);              \
+  }                                                                                                                  \
+  extern "C" void kba_unpack_##SUFFIX(const T* planes, int64_t plane, int64_t base, int64_t row, T* img,             \
+                                      int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t sb,    \
+                                      int64_t sc, int64_t sh, int64_t sw, int threads) {                             \
+    unpack<T>(planes, plane, base, row, img, Image{batch, channels, height, width, sb, sc, sh, sw}, threads);        \
+  }
+
+KBA_ENTRY_POINTS(float, f32)
+KBA_ENTRY_POINTS(double, f64)

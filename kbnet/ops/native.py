@@ -1,0 +1,331 @@
+"""The fused CPU kernels of KBA (``kba_cpu.cpp``): built on first use, cached, called through ``ctypes``.
+
+Why this way: a torch C++ extension would need the torch headers (a minute of compilation) or a build step in
+``pip install`` (which would pull a CUDA torch into the isolated build env). The kernels need no torch API, so they
+are a plain shared library compiled in a few seconds with the system C++ compiler, ``-march=native`` and OpenMP.
+Its OpenMP runtime resolves to the ``libgomp.so.1`` torch has already loaded, so both share one thread pool.
+The library is cached under ``$KBNET_CACHE_DIR`` (default ``~/.cache/kbnet``), keyed by a hash of the source, the
+compiler, the flags and the CPU. When no compiler works, ``available()`` is False and ``unavailable_reason()``
+says why; ``kbnet.ops.kba`` then uses its pure-PyTorch implementation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kba_cpu.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+GROUP_CHANNELS = (1, 2, 4, 8)
+"""Channels per group with a compiled register blocking; other sizes use the PyTorch implementation."""
+NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+class NativeBuildError(RuntimeError):
+    """The KBA kernels could not be compiled or loaded."""
+
+
+def cache_dir() -> Path:
+    if "KBNET_CACHE_DIR" in os.environ:
+        return Path(os.environ["KBNET_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kbnet"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise NativeBuildError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags, so a cache shared between machines never loads code built for another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    compiler = _compiler()
+    if not SOURCE.is_file():
+        raise NativeBuildError(f"kernel source {SOURCE} is missing from the installed package")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"kba_cpu-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode:
+            raise NativeBuildError(f"compiling {SOURCE} with {compiler} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: concurrent builders never see a half-written library
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 8 + [i32]
+        getattr(lib, f"kba_grad_att_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
+        getattr(lib, f"kba_grad_x_w_{suffix}").argtypes = [ptr] * 7 + [i64] * 8 + [i32]
+        getattr(lib, f"kba_unfold_{suffix}").argtypes = [ptr] + [i64] * 9 + [ptr, i64, i32]
+        getattr(lib, f"kba_fold_{suffix}").argtypes = [ptr, i64, i64, ptr] + [i64] * 8 + [i32]
+        getattr(lib, f"kba_alignment_{suffix}").argtypes = []
+        getattr(lib, f"kba_alignment_{suffix}").restype = i64
+        getattr(lib, f"kba_pack_{suffix}").argtypes = [ptr] + [i64] * 8 + [ptr] + [i64] * 3 + [i32]
+        getattr(lib, f"kba_unpack_{suffix}").argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | NativeBuildError:
+    try:
+        return _bind(ctypes.CDLL(str(_build())))
+    except (NativeBuildError, OSError) as err:
+        return err if isinstance(err, NativeBuildError) else NativeBuildError(f"loading the KBA kernels failed: {err}")
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loadable on this machine (builds them on the first call)."""
+    return not isinstance(_library(), NativeBuildError)
+
+
+def unavailable_reason() -> str | None:
+    lib = _library()
+    return str(lib) if isinstance(lib, NativeBuildError) else None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    if isinstance(lib, NativeBuildError):
+        raise lib
+    return lib
+
+
+def supports(x: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> bool:
+    """Whether the native kernels handle this call (CPU tensor, float dtype, compiled group size); ``dtype``
+    overrides the dtype of ``x`` (for operands about to be cast)."""
+    dtype = x.dtype if dtype is None else dtype
+    return x.device.type == "cpu" and dtype in NATIVE_DTYPES and x.shape[1] // groups in GROUP_CHANNELS
+
+
+def _pack(image: torch.Tensor, plane: int, base: int, row: int) -> torch.Tensor:
+    """(B, C, H, W) of any strides to (B, C, plane): pixel (y, x) at base + y·row + x, zeros elsewhere."""
+    b, c, h, w = image.shape
+    planes = image.new_empty(b, c, plane)
+    getattr(_lib(), f"kba_pack_{_suffix(image.dtype)}")(image.data_ptr(), b, c, h, w, *image.stride(),
+                                                          planes.data_ptr(), plane, base, row, _copy_threads(planes))
+    return planes
+
+
+def _unpack(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_format: torch.memory_format
+            ) -> torch.Tensor:
+    """The inverse of ``_pack``: a new (B, C, h, w) tensor in ``memory_format``."""
+    image = torch.empty(planes.shape[0], planes.shape[1], h, w, dtype=planes.dtype, memory_format=memory_format)
+    getattr(_lib(), f"kba_unpack_{_suffix(planes.dtype)}")(planes.data_ptr(), planes.shape[-1], base, row,
+                                                            image.data_ptr(), *image.shape, *image.stride(),
+                                                            _copy_threads(planes))
+    return image
+
+
+def _copy_threads(t: torch.Tensor) -> int:
+    return max(1, min(torch.get_num_threads(), t.numel() // 2**16))
+
+
+class _Layout:
+    """Where the kernels find each pixel and each tap of its neighbourhood (see ``kba_cpu.cpp``).
+
+    Positions are a flat axis of length ``length`` (a multiple of the kernels' vector length) on which pixel (y, x)
+    sits at y·``row`` + x; ``offsets[j]`` is the distance from a position to its tap j inside one channel group,
+    ``chan_stride`` the distance between channels of the ``neighbourhoods`` buffer.
+    """
+
+    length: int
+    row: int
+    chan_stride: int
+    offsets: torch.Tensor
+    accumulates = True
+    """Whether taps of different positions share gradient values in the ``neighbourhoods`` buffer."""
+
+    def __init__(self, x: torch.Tensor, kernel_size: int, groups: int) -> None:
+        self.b, self.c, self.h, self.w = x.shape
+        self.k = kernel_size
+        self.gc = self.c // groups
+        self.align = getattr(_lib(), f"kba_alignment_{_suffix(x.dtype)}")()
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.align) * self.align
+
+    def positions(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, M, H, W) per-pixel values to (B, M, length), zero where there is no pixel."""
+        return _pack(t, self.length, 0, self.row)
+
+    def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        """The (B, M, H, W) pixels of a (B, M, length) tensor, as a new tensor in ``memory_format``."""
+        return _unpack(tp, 0, self.row, self.h, self.w, memory_format)
+
+    def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        """The buffer the kernels read the taps from."""
+        raise NotImplementedError
+
+    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        """The gradient w.r.t. x from the gradient w.r.t. the ``neighbourhoods`` buffer."""
+        raise NotImplementedError
+
+    def dims(self, nset: int) -> list[int]:
+        return [self.b, self.c, nset, self.k, self.gc, self.chan_stride, self.length]
+
+
+class _PaddedRows(_Layout):
+    """The zero-padded image flattened row by row: pixel (y, x) is position y·Wp + x and its tap (ky, kx) sits at
+    + ky·Wp + kx, so no copy per tap is needed; the k-1 padding columns per row are positions without a pixel."""
+
+    def __init__(self, x: torch.Tensor, kernel_size: int, groups: int) -> None:
+        super().__init__(x, kernel_size, groups)
+        self.row = self.w + kernel_size - 1
+        self.length = self._round(self.h * self.row)
+        self.chan_stride = self.length + (kernel_size - 1) * (self.row + 1)
+        self.base = (kernel_size // 2) * (self.row + 1)  # where pixel (0, 0) sits in the padded image
+        k = torch.arange(kernel_size)
+        taps = (k[:, None] * self.row + k[None, :]).flatten()
+        self.offsets = (torch.arange(self.gc)[:, None] * self.chan_stride + taps[None, :]).flatten()
+
+    def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        return _pack(x, self.chan_stride, self.base, self.row)
+
+    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        return _unpack(grad_buffer, self.base, self.row, self.h, self.w, memory_format)
+
+
+class _Columns(_Layout):
+    """Unfolded neighbourhoods (im2col): no position without a pixel, at k² times the input's memory; used for
+    narrow images, where padded rows would waste a large share of the work."""
+
+    def __init__(self, x: torch.Tensor, kernel_size: int, groups: int) -> None:
+        super().__init__(x, kernel_size, groups)
+        self.row = self.w
+        self.length = self._round(self.h * self.w)
+        self.chan_stride = kernel_size**2 * self.length
+        self.offsets = torch.arange(self.gc * kernel_size**2) * self.length
+
+    accumulates = False
+
+    def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        cols = x.new_empty(self.b, self.c * self.k**2, self.length)
+        getattr(_lib(), f"kba_unfold_{_suffix(x.dtype)}")(x.data_ptr(), *x.shape, *x.stride(), self.k,
+                                                           cols.data_ptr(), self.length, _copy_threads(cols))
+        return cols
+
+    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        grad = torch.empty(self.b, self.c, self.h, self.w, dtype=grad_buffer.dtype, memory_format=memory_format)
+        getattr(_lib(), f"kba_fold_{_suffix(grad.dtype)}")(grad_buffer.data_ptr(), self.length, self.k,
+                                                            grad.data_ptr(), *grad.shape, *grad.stride(),
+                                                            _copy_threads(grad_buffer))
+        return grad
+
+
+def _layout(x: torch.Tensor, kernel_size: int, groups: int) -> _Layout:
+    """Padded rows unless they would add 1/8 or more positions without a pixel."""
+    narrow = 8 * (kernel_size - 1) >= x.shape[-1]
+    return (_Columns if narrow else _PaddedRows)(x, kernel_size, groups)
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    return "f32" if dtype == torch.float32 else "f64"
+
+
+MACS_PER_THREAD = 2**22
+"""Work below which one more thread costs more in start-up and barrier than it saves."""
+
+
+def _call(name: str, lay: _Layout, nset: int, dtype: torch.dtype, *args) -> None:
+    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    macs = lay.b * lay.length * lay.c * lay.gc * lay.k**2 * nset
+    threads = max(1, min(torch.get_num_threads(), macs // MACS_PER_THREAD))
+    status = getattr(_lib(), f"{name}_{_suffix(dtype)}")(*values, threads)
+    if status:
+        raise ValueError(f"{name}: the native kernels do not support this group size")
+
+
+def _check_supported(x: torch.Tensor, groups: int) -> None:
+    if not supports(x, groups):
+        raise ValueError(f"native KBA needs a CPU tensor of dtype {NATIVE_DTYPES} and {GROUP_CHANNELS} channels per "
+                         f"group; got {x.device.type} {x.dtype} with {x.shape[1] // groups} channels per group")
+
+
+POSITIONS_PER_TASK = 1024
+"""Positions of one plane per task: enough to reuse a group's bases from cache, few enough to balance threads."""
+
+
+def _parts(lay: _Layout, planes: int) -> int:
+    """Position ranges per plane: a few tasks per thread, none too long."""
+    want = max(-(-lay.length // POSITIONS_PER_TASK), -(-4 * torch.get_num_threads() // planes))
+    return max(1, min(want, lay.length // lay.align))
+
+
+def _split_groups(lay: _Layout, groups: int) -> tuple[int, int]:
+    """(position ranges, group blocks) of the grad_att tasks. Its sum runs over the groups, so they are split into
+    blocks (each with its own partial sum) only when the positions alone give too few tasks."""
+    parts = max(1, -(-lay.length // POSITIONS_PER_TASK))
+    return parts, min(groups, max(1, -(-4 * torch.get_num_threads() // (lay.b * parts))))
+
+
+def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
+            groups: int) -> torch.Tensor:
+    """KBA output (B, C, H, W) in the memory format of ``x``; operands must share a dtype in ``NATIVE_DTYPES``."""
+    _check_supported(x, groups)
+    lay = _layout(x, kernel_size, groups)
+    xp, ap = lay.neighbourhoods(x), lay.positions(att)
+    out = x.new_empty(lay.b, lay.c, lay.length)
+    _call("kba_forward", lay, att.shape[1], x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
+          *lay.dims(att.shape[1]), _parts(lay, lay.b * groups))
+    return lay.pixels(out, _memory_format(x))
+
+
+def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor,
+             kernel_size: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of KBA w.r.t. x, att, weight and bias, recomputing everything from the inputs."""
+    _check_supported(x, groups)
+    lay = _layout(x, kernel_size, groups)
+    nset = att.shape[1]
+    xp, ap, gp = lay.neighbourhoods(x), lay.positions(att), lay.positions(grad_out)
+    weight, bias = weight.contiguous(), bias.contiguous()
+
+    parts, qblocks = _split_groups(lay, groups)
+    datt = x.new_zeros(qblocks, lay.b, nset, lay.length)
+    _call("kba_grad_att", lay, nset, x.dtype, xp, lay.offsets, gp, weight, bias, datt, *lay.dims(nset), parts, qblocks)
+    grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att))
+
+    dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
+    dwpart = x.new_empty(lay.b, nset, weight.shape[-1])  # the kernel writes every value
+    _call("kba_grad_x_w", lay, nset, x.dtype, xp, lay.offsets, ap, gp, weight, dxp, dwpart, *lay.dims(nset),
+          int(lay.accumulates))
+    grad_x = lay.input_grad(dxp, _memory_format(x))
+    grad_weight = dwpart.sum(0, keepdim=True) if lay.b > 1 else dwpart
+    grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
+    return grad_x, grad_att, grad_weight, grad_bias
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
+        else torch.contiguous_format
+
+
+__all__ = ["NativeBuildError", "available", "backward", "forward", "supports", "unavailable_reason"]

@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end in quick mode (tiny shapes), so they cannot rot."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from benchmarks import kba as kba_benchmark
+from benchmarks import models as models_benchmark
+from benchmarks.common import memory_supported
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_kba_benchmark_quick(capsys):
+    kba_benchmark.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "KBNet_")
+    assert len(rows) == len(kba_benchmark.cases(quick=True)) == 6
+    assert all(re.fullmatch(r"\d+\.\d\d×", row[11]) for row in rows)  # forward+backward speed-up
+    if memory_supported():
+        assert "VmHWM" in out
+        assert all(float(row[14]) > 0 for row in rows)  # the reference's peak is never zero
+
+
+def test_models_benchmark_quick(capsys):
+    models_benchmark.main(["--quick", "--threads", "1", "--models", "kbnet_s_tiny", "kbnet_l_tiny"])
+    out = capsys.readouterr().out
+    speed = table_rows(out, "kbnet_")
+    assert [(row[0], row[1]) for row in speed[:4]] == [("kbnet_s_tiny", "inference"), ("kbnet_s_tiny", "train step"),
+                                                       ("kbnet_l_tiny", "inference"), ("kbnet_l_tiny", "train step")]
+    if memory_supported():
+        memory = speed[4:]
+        assert [row[0] for row in memory] == ["kbnet_s_tiny", "kbnet_l_tiny"]
+        assert all(re.fullmatch(r"\d+²", row[8]) for row in memory)  # largest image within the budget
+
+
+def test_largest_side_is_linear_in_pixels():
+    fit = {"100": 1_000 + 100**2 * 10, "200": 1_000 + 200**2 * 10}
+    side = models_benchmark.largest_side(fit, weights=500, budget=1_500 + 1000**2 * 10)
+    assert side == 992  # 1000 rounded down to a multiple of 16
+    assert models_benchmark.predicted_peak(fit, 500, 1000) == 1_500 + 1000**2 * 10
+
+
+def test_unknown_implementation_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        kba_benchmark.main(["--quick", "--impls", "auto,fastest"])
+    assert "fastest" in capsys.readouterr().err
