@@ -86,7 +86,7 @@ def lib():
         pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
 
 
-@pytest.mark.parametrize("width, layout", [(16, "_Columns"), (17, "_PaddedRows"), (40, "_PaddedRows")])
+@pytest.mark.parametrize("width, layout", [(7, "_Columns"), (8, "_PaddedRows"), (40, "_PaddedRows")])
 def test_narrow_images_use_columns(lib, width, layout):
     assert type(native._layout(torch.zeros(1, 8, 3, width), 3, 2)).__name__ == layout
 

@@ -254,13 +254,14 @@ inline void accumulate_rows(const T* ht, int64_t stride, int64_t len, const T* x
   for (; j < J; ++j) accumulate_taps<T, 1, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
 }
 
-// One task per (b, q): no two tasks write the same dxp values, and dwpart (B, N, C·gc·k², official layout) gets
-// one partial per batch item, every value written. dxp is added to where taps overlap (padded rows, zero on
-// entry) or overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). h = a·g is kept in both orientations: p-contiguous rows for grad_x,
-// nr-contiguous rows (NRp = N·gc rounded up to whole vectors, zero padded) for grad_w, so neither needs a
-// horizontal sum.
+// One task per group q (all batch items): no two tasks write the same dxp or dw values, and the weight gradient
+// is summed over the batch in the task's own buffer, so dw (N, C·gc·k², official layout) needs no per-batch
+// partials; every value of dw is written. dxp is added to where taps overlap (padded rows, zero on entry) or
+// overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). h = a·g is kept in
+// both orientations: p-contiguous rows for grad_x, nr-contiguous rows (NRp = N·gc rounded up to whole vectors,
+// zero padded) for grad_w, so neither needs a horizontal sum.
 template <typename T, int GC>
-void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dwpart, const Dims& d,
+void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dw, const Dims& d,
               bool accumulate, int threads) {
   constexpr int V = kLanes<T>;
   const int64_t G = d.groups(), N = d.nset, J = d.taps(), S = d.basis_size(), Lo = d.len, NR = N * GC;
@@ -272,41 +273,42 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
 #pragma omp parallel num_threads(threads)
   {
     Buffer<T> h(NR * hs), ht(chunk * hts), wq(J * NR), dwq(J * nrp);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < d.batch * G; ++t) {
-      const int64_t b = t / G, q = t % G;
-      const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
-      const T* a0 = ap + b * N * Lo;
-      const T* g0 = gp + (b * d.channels + q * GC) * Lo;
-      T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+#pragma omp for schedule(dynamic)
+    for (int64_t q = 0; q < G; ++q) {
       for (int64_t n = 0; n < N; ++n)
         for (int r = 0; r < GC; ++r)
           for (int64_t j = 0; j < J; ++j) wq[j * NR + n * GC + r] = w[n * S + (q * GC + r) * J + j];
       dwq.zero();
-      for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
-        const int64_t len = std::min(chunk, Lo - p0);
-        for (int64_t n = 0; n < N; ++n)
-          for (int r = 0; r < GC; ++r)
-            for (int64_t p = 0; p < len; ++p) {
-              const T v = a0[n * Lo + p0 + p] * g0[r * Lo + p0 + p];
-              h[(n * GC + r) * hs + p] = v;
-              ht[p * hts + n * GC + r] = v;
-            }
-        int64_t j = 0;
-        const T* hd = h.data();
-        for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dx0 + p0, accumulate);
-        for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dx0 + p0, accumulate);
-        for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dx0 + p0, accumulate);
-        int64_t nr = 0;
-        for (; nr + 4 * V <= nrp; nr += 4 * V)
-          accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
-        for (; nr < nrp; nr += V)
-          accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+        const T* a0 = ap + b * N * Lo;
+        const T* g0 = gp + (b * d.channels + q * GC) * Lo;
+        T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
+          const int64_t len = std::min(chunk, Lo - p0);
+          for (int64_t n = 0; n < N; ++n)
+            for (int r = 0; r < GC; ++r)
+              for (int64_t p = 0; p < len; ++p) {
+                const T v = a0[n * Lo + p0 + p] * g0[r * Lo + p0 + p];
+                h[(n * GC + r) * hs + p] = v;
+                ht[p * hts + n * GC + r] = v;
+              }
+          const T* hd = h.data();
+          T* dxc = dx0 + p0;
+          int64_t j = 0;
+          for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          int64_t nr = 0;
+          for (; nr + 4 * V <= nrp; nr += 4 * V)
+            accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+          for (; nr < nrp; nr += V)
+            accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+        }
       }
-      T* dw0 = dwpart + b * N * S;
       for (int64_t n = 0; n < N; ++n)
         for (int r = 0; r < GC; ++r)
-          for (int64_t j = 0; j < J; ++j) dw0[n * S + (q * GC + r) * J + j] = dwq[j * nrp + n * GC + r];
+          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[j * nrp + n * GC + r];
     }
   }
 }
@@ -499,8 +501,8 @@ template <typename T, int GC> struct GradXW {
     return dispatch_gc<T, GradAtt>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);             \
   }                                                                                                                  \
   extern "C" int kba_grad_x_w_##SUFFIX(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, \
-                                       T* dwpart, KBA_DIMS_ARGS, int64_t accumulate, int threads) {                  \
-    return dispatch_gc<T, GradXW>(gc, xp, off, ap, gp, w, dxp, dwpart, KBA_DIMS, accumulate != 0, threads);         \
+                                       T* dw, KBA_DIMS_ARGS, int64_t accumulate, int threads) {                      \
+    return dispatch_gc<T, GradXW>(gc, xp, off, ap, gp, w, dxp, dw, KBA_DIMS, accumulate != 0, threads);             \
   }                                                                                                                  \
   extern "C" int64_t kba_alignment_##SUFFIX() { return kAlignment<T>; }                                               \
   extern "C" void kba_pack_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,     \

@@ -242,8 +242,9 @@ class _Columns(_Layout):
 
 
 def _layout(x: torch.Tensor, kernel_size: int, groups: int) -> _Layout:
-    """Padded rows unless they would add 1/8 or more positions without a pixel."""
-    narrow = 8 * (kernel_size - 1) >= x.shape[-1]
+    """Padded rows unless they would add more than 1/4 positions without a pixel: columns take k² times the
+    input's memory, padded rows about once."""
+    narrow = 4 * (kernel_size - 1) > x.shape[-1]
     return (_Columns if narrow else _PaddedRows)(x, kernel_size, groups)
 
 
@@ -296,6 +297,7 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
     out = x.new_empty(lay.b, lay.c, lay.length)
     _call("kba_forward", lay, att.shape[1], x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
           *lay.dims(att.shape[1]), _parts(lay, lay.b * groups))
+    del xp, ap  # before the result is allocated: lower peak memory on large images
     return lay.pixels(out, _memory_format(x))
 
 
@@ -314,13 +316,12 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att))
 
     dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
-    dwpart = x.new_empty(lay.b, nset, weight.shape[-1])  # the kernel writes every value
-    _call("kba_grad_x_w", lay, nset, x.dtype, xp, lay.offsets, ap, gp, weight, dxp, dwpart, *lay.dims(nset),
+    grad_weight = torch.empty_like(weight)  # the kernel writes every value
+    _call("kba_grad_x_w", lay, nset, x.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight, *lay.dims(nset),
           int(lay.accumulates))
-    grad_x = lay.input_grad(dxp, _memory_format(x))
-    grad_weight = dwpart.sum(0, keepdim=True) if lay.b > 1 else dwpart
     grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
-    return grad_x, grad_att, grad_weight, grad_bias
+    del xp, ap, gp
+    return lay.input_grad(dxp, _memory_format(x)), grad_att, grad_weight, grad_bias
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
