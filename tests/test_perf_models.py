@@ -66,6 +66,19 @@ def test_token_attention_equals_the_plain_formula(heads):
     assert relative_error(x_last.grad, x.grad) < 1e-12
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_projects_q_k_v_one_by_one_with_the_same_result(bias):
+    torch.manual_seed(0)
+    attention = TransAttention(8, 2, bias=bias).double()
+    x = torch.randn(1, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = attention.qkv_dwconv(attention.qkv(x)).chunk(3, dim=1)
+        for one, reference in zip(attention._project_one_by_one(x), fused, strict=True):
+            assert relative_error(one, reference) < 1e-14
+        lean = attention(x)
+    assert relative_error(lean, attention(x)) < 1e-13  # with autograd: the fused projection
+
+
 def test_token_attention_clamps_zero_norms_like_normalize():
     attention = TransAttention(4, 1).double()
     x = torch.zeros(1, 4, 3, 3, dtype=torch.float64)

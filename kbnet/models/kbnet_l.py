@@ -49,12 +49,13 @@ class MFF(nn.Module):
         self.kba = KernelBasisAttention(kernel_size, hidden // group_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sca = self.sca(x)
-        x1 = self.dwconv(x)
+        # The KBA branch first and the spatial branch inline: fewer full-size maps are alive at once (the peak
+        # memory of a large image).
         att = torch.addcmul(self.conv211(x), self.conv2(x), self.attgamma)
         uf = self.conv1(x)
         x2 = torch.addcmul(uf, self.kba(uf, att, self.w, self.b), self.ga1)
-        return self.project_out(F.gelu(x1) * x2 * sca)
+        del att, uf
+        return self.project_out(F.gelu(self.dwconv(x)) * x2 * self.sca(x))
 
 
 class TransAttention(nn.Module):
@@ -62,7 +63,9 @@ class TransAttention(nn.Module):
 
     On a channels-last map the queries, keys and values are read in place as (B, H·W, C) token matrices, and the
     L2 normalisation over H·W is applied to the C×C product instead of to q and k:
-    normalize(q)ᵀ·normalize(k) = diag(1/|q|)·qᵀk·diag(1/|k|). Same maths, no (B, C, H·W) copies.
+    normalize(q)ᵀ·normalize(k) = diag(1/|q|)·qᵀk·diag(1/|k|). Same maths, no (B, C, H·W) copies. Without autograd
+    (inference) q, k and v are projected one after the other, with the matching slices of the two convolutions'
+    weights, so a large image never holds the two 3C-channel maps of the fused projection at once.
     """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = False) -> None:
@@ -76,25 +79,39 @@ class TransAttention(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_dwconv(self.qkv(x))
-        if is_channels_last(qkv):
-            return self.project_out(self._attend_tokens(qkv))
+        if is_channels_last(x):
+            # On the meta device (MAC counting) the modules are called, so their hooks see both convolutions.
+            lean = not torch.is_grad_enabled() and not x.is_meta
+            qkv = self._project_one_by_one(x) if lean else self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+            attended = self._attend_tokens(*qkv)
+            del qkv  # free q, k, v before the projection allocates its output
+            return self.project_out(attended)
         b, c, h, w = x.shape
-        q, k, v = qkv.chunk(3, dim=1)
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
         return self.project_out((attn @ v).reshape(b, c, h, w))
 
-    def _attend_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
-        b, c3, h, w = qkv.shape
-        c, heads = c3 // 3, self.num_heads
-        tokens = qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3)  # a view of the channels-last memory
-        norms = tokens[..., :2 * c].square().sum(1).sqrt().clamp_min(NORMALIZE_EPS).view(b, 2, heads, -1, 1)
-        q, k, v = (tokens[..., i * c:(i + 1) * c].unflatten(-1, (heads, -1)).transpose(1, 2) for i in range(3))
+    def _project_one_by_one(self, x: torch.Tensor) -> list[torch.Tensor]:
+        c = x.shape[1]
+        maps = []
+        for i in range(3):
+            part = slice(i * c, (i + 1) * c)
+            y = F.conv2d(x, self.qkv.weight[part], None if self.qkv.bias is None else self.qkv.bias[part])
+            dw_bias = None if self.qkv_dwconv.bias is None else self.qkv_dwconv.bias[part]
+            maps.append(F.conv2d(y, self.qkv_dwconv.weight[part], dw_bias, padding=1, groups=c))
+        return maps
+
+    def _attend_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = q.shape
+        heads = self.num_heads
+        # (B, heads, H·W, C/heads) views of the channels-last memory
+        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, h * w, heads, -1).transpose(1, 2) for t in (q, k, v))
+        norm_q, norm_k = (t.square().sum(2).sqrt().clamp_min(NORMALIZE_EPS).unsqueeze(-1) for t in (q, k))
         gram = q.transpose(-2, -1) @ k  # (B, heads, C/heads, C/heads)
-        attn = (gram / (norms[:, 0] * norms[:, 1].transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        attn = (gram / (norm_q * norm_k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
         out = (v @ attn.transpose(-2, -1)).transpose(1, 2).reshape(b, h, w, c)
         return out.permute(0, 3, 1, 2)
 
@@ -191,14 +208,15 @@ class KBNetL(nn.Module):
     def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
         h, w = inp_img.shape[-2:]
         inp = to_channels_last(pad_to_multiple(inp_img, SIZE_MULTIPLE, "reflect"))
-        enc1 = self.encoder_level1(self.patch_embed(inp))
-        enc2 = self.encoder_level2(self.down1_2(enc1))
-        enc3 = self.encoder_level3(self.down2_3(enc2))
-        latent = self.latent(self.down3_4(enc3))
-        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], 1)))
-        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], 1)))
-        dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], 1))
-        out = self.output(self.refinement(dec1))
+        # Each map is dropped right after its last use (``pop``, nested calls): at 2048² one full-resolution map
+        # of 48 channels is 0.8 GB, so holding the skips to the end would cost gigabytes.
+        skips = [self.encoder_level1(self.patch_embed(inp))]
+        skips.append(self.encoder_level2(self.down1_2(skips[-1])))
+        skips.append(self.encoder_level3(self.down2_3(skips[-1])))
+        x = self.latent(self.down3_4(skips[-1]))
+        x = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(x), skips.pop()], 1)))
+        x = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(x), skips.pop()], 1)))
+        out = self.output(self.refinement(self.decoder_level1(torch.cat([self.up2_1(x), skips.pop()], 1))))
         if self.residual:
             out = out + inp
         return out[:, :, :h, :w].contiguous()

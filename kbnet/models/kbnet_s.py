@@ -123,7 +123,7 @@ class KBNetS(nn.Module):
             skips.append(x)
             x = down(x)
         x = self.middle_blks(x)
-        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips), strict=True):
-            x = decoder(up(x) + skip)
+        for decoder, up in zip(self.decoders, self.ups, strict=True):
+            x = decoder(up(x) + skips.pop())  # pop: each skip is freed after its only use
         x = self.ending(x) + inp
         return x[:, :, :h, :w].contiguous()
