@@ -64,9 +64,12 @@ def _memory_status() -> dict[str, int]:
     return {key: int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
 
 
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak resident memory of one call above the resident memory before it (call inside a worker)."""
-    fn()
+def peak_bytes(fn: Callable[[], object], warmup: Callable[[], object] | None = None) -> int:
+    """Peak resident memory of one call above the resident memory before it (call inside a worker).
+
+    ``warmup`` (default: ``fn`` itself) runs first so one-time costs (library loading, caches) are not counted; a
+    smaller call of the same code spares a second run of a very large one."""
+    (warmup or fn)()
     Path("/proc/self/clear_refs").write_text("5")
     before = _memory_status()["VmRSS"]
     fn()

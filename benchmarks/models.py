@@ -77,7 +77,8 @@ def worker(payload: dict) -> dict:
     impl = payload["impl"]
     model = build(payload["model"]).eval()
     fit = {size: peak_bytes(inference(model, impl, size)) for size in payload["fit"]}
-    verify = {size: peak_bytes(inference(model, impl, size)) for size in payload["verify"]}
+    small = inference(model, impl, min(payload["fit"]))
+    verify = {size: peak_bytes(inference(model, impl, size), warmup=small) for size in payload["verify"]}
     train = peak_bytes(training_step(model.train(), impl, payload["train"]))
     return {"fit": fit, "verify": verify, "train": train}
 

@@ -151,6 +151,13 @@ def test_create_model_errors_name_the_problem():
     assert {"kbnet_s", "kbnet_s_gray", "kbnet_s_sidd", "kbnet_l", "kbnet_s_tiny", "kbnet_l_tiny"} <= set(list_models())
 
 
+@pytest.mark.parametrize("build, channels", [(lambda: KBNetL(dim=16), "32 channels"),
+                                             (lambda: KBNetS(width=48), "48 channels")])
+def test_widths_the_fusion_conv_cannot_group_are_refused_clearly(build, channels):
+    with pytest.raises(ValueError, match=f"{channels} do not split into the .* groups of the official grouped conv2"):
+        build()
+
+
 def test_official_constants_are_exposed():
     model = KBNetS(width=16, enc_blk_nums=(1,), dec_blk_nums=(1,), middle_blk_num=1, nset=8, kernel_size=5,
                    group_channels=2)

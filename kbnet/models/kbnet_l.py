@@ -20,6 +20,8 @@ from kbnet.models.layers import (
 
 SIZE_MULTIPLE = 8
 """Three PixelUnshuffle(2) downsamplings need H and W divisible by 8."""
+FUSION_GROUPS = 24
+"""Most groups of the 3×3 conv that predicts the fusion coefficients (official ``interc = min(dim, 24)``)."""
 NORMALIZE_EPS = 1e-12
 """``F.normalize``'s default: norms are clamped to it before dividing."""
 
@@ -33,7 +35,11 @@ class MFF(nn.Module):
         hidden = int(dim * ffn_expansion_factor)
         if hidden % group_channels:
             raise ValueError(f"MFF: hidden channels {hidden} not divisible by group_channels {group_channels}")
-        interc = min(dim, 24)
+        interc = min(dim, FUSION_GROUPS)
+        if dim % interc:
+            raise ValueError(f"MFF: {dim} channels do not split into the {interc} groups of the official grouped conv2 "
+                             f"(min(channels, {FUSION_GROUPS})); KBNetL needs dim, 2·dim, 4·dim and 8·dim each "
+                             f"≤ {FUSION_GROUPS} or a multiple of it, e.g. dim=48")
         self.w, self.b = kernel_bases(nset, hidden, group_channels, kernel_size)
         self.attgamma = nn.Parameter(torch.full((1, nset, 1, 1), 1e-2))
         self.ga1 = nn.Parameter(torch.full((1, hidden, 1, 1), 1e-2))

@@ -17,6 +17,8 @@ from kbnet.models.layers import (
     to_channels_last,
 )
 
+FUSION_GROUPS = 32
+"""Most groups of the 3×3 conv that predicts the fusion coefficients (official ``interc = min(c, 32)``)."""
 SPATIAL_GROUP_CHANNELS = 4
 """Channels per group of the 5×5 grouped convolution of the spatially-invariant branch (hard-coded ``c // 4``)."""
 
@@ -36,7 +38,11 @@ class KBBlockS(nn.Module):
         c = channels
         if c % group_channels:
             raise ValueError(f"KBBlockS: channels {c} not divisible by group_channels {group_channels}")
-        interc = min(c, 32)
+        interc = min(c, FUSION_GROUPS)
+        if c % interc:
+            raise ValueError(f"KBBlockS: {c} channels do not split into the {interc} groups of the official grouped "
+                             f"conv2 (min(channels, {FUSION_GROUPS})); KBNetS needs width·2^level ≤ {FUSION_GROUPS} "
+                             f"or a multiple of it at every level, e.g. width=64")
         ffn_ch = int(ffn_scale * c)
         self.w, self.b = kernel_bases(nset, c, group_channels, kernel_size)
         self.ga1 = scale_parameter(c)
