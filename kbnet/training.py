@@ -257,7 +257,7 @@ def build_module(cfg: DictConfig, net: torch.nn.Module) -> RestorationModule:
     if clash:
         raise ValueError(f"task.lit_module and module both set {clash}; set each argument in one place")
     progressive = cfg.task.get("progressive")
-    return cls(net=net, net_config=OmegaConf.to_container(cfg.model), seed=cfg.seed,
+    return cls(net=net, net_config=OmegaConf.to_container(cfg.model), seed=cfg.seed, task_name=str(cfg.task.name),
                progressive=None if progressive is None else OmegaConf.to_container(progressive),
                **task_args, **recipe)
 

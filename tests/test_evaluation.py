@@ -102,7 +102,8 @@ def test_wandb_offline_gets_the_results_table(tmp_path, monkeypatch):
 
 def test_a_trained_checkpoint_scores_as_its_validation(tmp_path):
     """End to end with the real training code: its Lightning checkpoint rebuilds the model, and the SIDD-style
-    float protocol on the demo photos (sizes are multiples of 16, so no padding differs) reproduces val/psnr."""
+    float protocol on the demo photos (sizes are multiples of 16, so no padding differs) reproduces val/psnr.
+    The checkpoint names its task, so another task's protocol is refused before anything is written."""
     run = tmp_path / "run"
     metrics = train(compose_train(*tiny_run_overrides(run), "task=real_denoise", "trainer.max_steps=2",
                                   "trainer.val_check_interval=2", "trainer.limit_val_batches=3"))
@@ -110,6 +111,9 @@ def test_a_trained_checkpoint_scores_as_its_validation(tmp_path):
     result = evaluate(compose_eval(out, "task=real_denoise", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
                                    "data.val_size=48", "data.train_size=64"))
     assert result["results"]["demo"]["psnr"] == pytest.approx(metrics["val/psnr"], abs=1e-3)
+    with pytest.raises(ValueError, match="trained for task=real_denoise, not task=gaussian_denoise: evaluate it with"):
+        evaluate(compose_eval(tmp_path / "wrong", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *SMALL_DEMO))
+    assert not (tmp_path / "wrong").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

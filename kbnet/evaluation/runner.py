@@ -29,7 +29,7 @@ from kbnet.inference import (
     model_from_official,
     resolve_device,
 )
-from kbnet.inference.loading import net_config_of, read_checkpoint
+from kbnet.inference.loading import net_config_of, read_checkpoint, task_of
 from kbnet.metrics import MetricTable
 from kbnet.models import WeightLoadError
 
@@ -62,6 +62,10 @@ def load_eval_model(cfg: DictConfig) -> LoadedModel:
         if net_config_of(content) is None:
             raise ValueError(f"ckpt_path={path} is not a checkpoint of this project (no hyper_parameters.net_config); "
                              "for an official release file use pretrained=<file> model=<preset>")
+        trained_for = task_of(content)
+        if trained_for is not None and trained_for != cfg.task.name:
+            raise ValueError(f"ckpt_path={path} was trained for task={trained_for}, not task={cfg.task.name}: "
+                             f"evaluate it with task={trained_for} (and a data= config of that task)")
         expect = None if model_cfg is None else str(model_cfg.name)
         loaded = model_from_checkpoint(path, content, weights=cfg.get("weights") or "auto", expect_name=expect)
         with open_dict(cfg):

@@ -64,6 +64,13 @@ def net_config_of(content: Any) -> dict[str, Any] | None:
     return dict(hparams["net_config"])
 
 
+def task_of(content: Any) -> str | None:
+    """The task one of our checkpoints was trained for (``None`` for older checkpoints and anything else)."""
+    hparams = content.get("hyper_parameters") if isinstance(content, Mapping) else None
+    task = hparams.get("task_name") if isinstance(hparams, Mapping) else None
+    return None if task is None else str(task)
+
+
 def _project_state(content: Mapping, path: Path, weights: str) -> tuple[Mapping[str, torch.Tensor] | Path, str]:
     """The weights to load from our checkpoint: the EMA copy (if asked, or by default when there is one) or ``net``."""
     if weights not in PROJECT_WEIGHTS:

@@ -52,6 +52,8 @@ class RestorationModule(L.LightningModule):
         ema_decay: keep an exponential moving average of the weights and validate with it; ``None`` = off.
         seed: seeds the per-step random draws (crops, mixup, noise) together with the rank and the step.
         val_pad_multiple: validation inputs are reflect-padded to this multiple (official ``pad_test``: 8).
+        task_name: the task's name (``task.name``: derain, gaussian_denoise, ...), saved in the checkpoint so evaluation
+            can refuse to score it with another task's protocol.
     """
 
     metrics_on_y: ClassVar[bool] = False
@@ -60,7 +62,7 @@ class RestorationModule(L.LightningModule):
     def __init__(self, net: nn.Module, net_config: Mapping[str, Any], *, optimizer: Mapping[str, Any],
                  lr_schedule: Mapping[str, Sequence[float]] | None = None, loss: str = "l1",
                  progressive: Mapping[str, Sequence[int]] | None = None, ema_decay: float | None = None,
-                 seed: int = 100, val_pad_multiple: int = 8) -> None:
+                 seed: int = 100, val_pad_multiple: int = 8, task_name: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
