@@ -83,13 +83,16 @@ def worker(payload: dict) -> dict:
     return {"fit": fit, "verify": verify, "train": train}
 
 
-def largest_side(fit: dict[str, int], weights: int, budget: int) -> int:
-    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget."""
+def largest_side(fit: dict[str, int], weights: int, budget: int) -> str:
+    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget, as ``"N²"``;
+    ``"-"`` when the two peaks do not resolve any growth (the tiny sizes of a quick run can measure equal)."""
     (s0, p0), (s1, p1) = sorted((int(s), p) for s, p in fit.items())
     per_pixel = (p1 - p0) / (s1**2 - s0**2)
+    if per_pixel <= 0:
+        return "-"
     fixed = p0 - per_pixel * s0**2
     pixels = (budget - weights - fixed) / per_pixel
-    return int(math.sqrt(max(pixels, 0)) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return f"{int(math.sqrt(max(pixels, 0)) // SIZE_MULTIPLE * SIZE_MULTIPLE)}²"
 
 
 def predicted_peak(fit: dict[str, int], weights: int, side: int) -> float:
@@ -153,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 mib(peaks[ours]["fit"][infer_key]), mib(peaks[ref]["fit"][infer_key]),
                 ratio(peaks[ref]["fit"][infer_key], peaks[ours]["fit"][infer_key]),
                 mib(peaks[ours]["train"]), mib(peaks[ref]["train"]), ratio(peaks[ref]["train"], peaks[ours]["train"]),
-                f"{largest_side(peaks[ours]['fit'], weights, budget)}²",
-                f"{largest_side(peaks[ref]['fit'], weights, budget)}²",
+                largest_side(peaks[ours]['fit'], weights, budget),
+                largest_side(peaks[ref]['fit'], weights, budget),
                 f"{predicted_peak(peaks[ours]['fit'], weights, 2048) / 2**30:.1f}",
                 f"{predicted_peak(peaks[ref]['fit'], weights, 2048) / 2**30:.1f}",
                 ", ".join(f"{s}²: {(weights + p) / 2**30:.2f} GiB" for s, p in peaks[ours]["verify"].items()) or "-"])
