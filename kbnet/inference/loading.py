@@ -54,20 +54,21 @@ def read_checkpoint(path: str | Path) -> Any:
                               "(truncated download or not a PyTorch file?)") from err
 
 
+def _hyper_parameters(content: Any) -> Mapping[str, Any]:
+    """The ``hyper_parameters`` of a Lightning checkpoint; empty for anything else."""
+    hparams = content.get("hyper_parameters") if isinstance(content, Mapping) else None
+    return hparams if isinstance(hparams, Mapping) else {}
+
+
 def net_config_of(content: Any) -> dict[str, Any] | None:
     """The saved model config of one of our Lightning checkpoints, ``None`` for anything else."""
-    if not isinstance(content, Mapping):
-        return None
-    hparams = content.get("hyper_parameters")
-    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("net_config"), Mapping):
-        return None
-    return dict(hparams["net_config"])
+    config = _hyper_parameters(content).get("net_config")
+    return dict(config) if isinstance(config, Mapping) else None
 
 
 def task_of(content: Any) -> str | None:
     """The task one of our checkpoints was trained for (``None`` for older checkpoints and anything else)."""
-    hparams = content.get("hyper_parameters") if isinstance(content, Mapping) else None
-    task = hparams.get("task_name") if isinstance(hparams, Mapping) else None
+    task = _hyper_parameters(content).get("task_name")
     return None if task is None else str(task)
 
 
