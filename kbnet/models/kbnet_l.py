@@ -12,6 +12,7 @@ from kbnet.models.layers import (
     KernelBasisAttention,
     LayerNorm2d,
     SimpleGate,
+    fusion_conv_groups,
     is_channels_last,
     kernel_bases,
     pad_to_multiple,
@@ -35,11 +36,7 @@ class MFF(nn.Module):
         hidden = int(dim * ffn_expansion_factor)
         if hidden % group_channels:
             raise ValueError(f"MFF: hidden channels {hidden} not divisible by group_channels {group_channels}")
-        interc = min(dim, FUSION_GROUPS)
-        if dim % interc:
-            raise ValueError(f"MFF: {dim} channels do not split into the {interc} groups of the official grouped conv2 "
-                             f"(min(channels, {FUSION_GROUPS})); KBNetL needs dim, 2·dim, 4·dim and 8·dim each "
-                             f"≤ {FUSION_GROUPS} or a multiple of it, e.g. dim=48")
+        interc = fusion_conv_groups(dim, FUSION_GROUPS, "MFF (KBNetL dim, 2·dim, 4·dim, 8·dim, e.g. dim=48)")
         self.w, self.b = kernel_bases(nset, hidden, group_channels, kernel_size)
         self.attgamma = nn.Parameter(torch.full((1, nset, 1, 1), 1e-2))
         self.ga1 = nn.Parameter(torch.full((1, hidden, 1, 1), 1e-2))

@@ -11,6 +11,7 @@ from kbnet.models.layers import (
     KernelBasisAttention,
     LayerNorm2d,
     SimpleGate,
+    fusion_conv_groups,
     kernel_bases,
     pad_to_multiple,
     scale_parameter,
@@ -38,11 +39,7 @@ class KBBlockS(nn.Module):
         c = channels
         if c % group_channels:
             raise ValueError(f"KBBlockS: channels {c} not divisible by group_channels {group_channels}")
-        interc = min(c, FUSION_GROUPS)
-        if c % interc:
-            raise ValueError(f"KBBlockS: {c} channels do not split into the {interc} groups of the official grouped "
-                             f"conv2 (min(channels, {FUSION_GROUPS})); KBNetS needs width·2^level ≤ {FUSION_GROUPS} "
-                             f"or a multiple of it at every level, e.g. width=64")
+        interc = fusion_conv_groups(c, FUSION_GROUPS, "KBBlockS (KBNetS width·2^level, e.g. width=64)")
         ffn_ch = int(ffn_scale * c)
         self.w, self.b = kernel_bases(nset, c, group_channels, kernel_size)
         self.ga1 = scale_parameter(c)

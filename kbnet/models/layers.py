@@ -89,6 +89,18 @@ def kernel_bases(nset: int, channels: int, group_channels: int, kernel_size: int
     return weight, bias
 
 
+def fusion_conv_groups(channels: int, most: int, owner: str) -> int:
+    """Groups of the grouped 3×3 conv that predicts the fusion coefficients: the official ``min(channels, most)``.
+
+    Refuses, naming the channels, a width it cannot split (torch would only say "in_channels must be divisible by
+    groups"): every level's width must be at most ``most`` or a multiple of it."""
+    groups = min(channels, most)
+    if channels % groups:
+        raise ValueError(f"{owner}: {channels} channels do not split into the {groups} groups of the official grouped "
+                         f"conv2 (min(channels, {most})); every level's width must be ≤ {most} or a multiple of it")
+    return groups
+
+
 def scale_parameter(channels: int, value: float = 1e-2) -> nn.Parameter:
     """A learnable per-channel scale (1, C, 1, 1); the official blocks start all of them at 1e-2."""
     return nn.Parameter(torch.full((1, channels, 1, 1), value))
