@@ -1,0 +1,11 @@
+"""The errors a user can fix (a config value, a data file, a checkpoint, a run directory, a full disk).
+
+Raising ``UserError`` (or a subclass) means: the message alone tells the user what is wrong and what was expected,
+so the command-line entry points print it as one ``error: ...`` line without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An expected error whose message names the key or file, the value found and what was expected."""
