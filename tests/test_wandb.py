@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def _records(data: bytes) -> list[bytes]:
         if length == 0 and kind == 0:  # zero padding at the end of a block
             pos += left_in_block
             continue
+        if pos + RECORD_HEADER_SIZE + length > len(data):  # still being written
+            break
         chunk += data[pos + RECORD_HEADER_SIZE:pos + RECORD_HEADER_SIZE + length]
         pos += RECORD_HEADER_SIZE + length
         if kind in (FULL, LAST):
@@ -66,8 +69,19 @@ def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(run_path: Path) -> OfflineRun:
-    """The run recorded in an ``offline-run-*`` folder."""
+def read_offline_run(run_path: Path, timeout: float = 30.0) -> OfflineRun:
+    """The finished run recorded in an ``offline-run-*`` folder.
+
+    wandb-core writes the file from its own process and may still be flushing it when ``wandb.finish`` returns
+    (seen with wandb 0.31: the exit record arrives tens of milliseconds later), so wait for the exit record.
+    """
+    deadline = time.monotonic() + timeout
+    while (run := _parse_offline_run(run_path)).exit_code is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return run
+
+
+def _parse_offline_run(run_path: Path) -> OfflineRun:
     (wandb_file,) = run_path.glob("run-*.wandb")
     run = OfflineRun(run_id=wandb_file.stem.removeprefix("run-"))
     for raw in _records(wandb_file.read_bytes()):
