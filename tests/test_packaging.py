@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build_wheel(out: Path) -> Path:
+    """Build from a copy of what a wheel is made of, so the build leaves nothing in the checkout."""
+    source = out.parent / "source"
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "kbnet", source / "kbnet", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-                    str(out), str(ROOT)], check=True, capture_output=True, text=True)
+                    str(out), str(source)], check=True, capture_output=True, text=True)
     (wheel,) = out.glob("kbnet-*.whl")
     return wheel
 
