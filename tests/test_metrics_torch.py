@@ -13,7 +13,7 @@ import torch
 from skimage import data
 
 from kbnet.imageio import to_integer
-from kbnet.metrics import psnr, psnr_torch, ssim, ssim_torch
+from kbnet.metrics import ImageMean, psnr, psnr_torch, ssim, ssim_torch
 
 PSNR_TOL_DB = 1e-4
 SSIM_TOL = 1e-5
@@ -124,3 +124,11 @@ def test_cuda_matches_cpu(batch):
         on_gpu = metric(pred.cuda(), target.cuda(), y_channel=True)
         assert on_gpu.device.type == "cuda"
         assert torch.allclose(on_gpu.cpu(), metric(pred, target, y_channel=True), atol=1e-5, rtol=0)
+
+
+def test_image_mean_weighs_every_kept_image_once_across_batches() -> None:
+    mean = ImageMean()
+    mean.update(torch.tensor([1.0, 2.0, 3.0]))
+    mean.update(torch.tensor([10.0, 99.0]), keep=torch.tensor([True, False]))  # 99: a sampler's padding copy
+    assert mean.compute().item() == pytest.approx((1 + 2 + 3 + 10) / 4)
+    assert mean.total.dtype == torch.float64 and mean.count.item() == 4

@@ -25,7 +25,7 @@ from kbnet.lit.augment import progressive_crop, step_rng
 from kbnet.lit.ema import EMA
 from kbnet.lit.losses import build_loss
 from kbnet.lit.schedule import ProgressiveSchedule, lr_lambda
-from kbnet.metrics import psnr_torch, rgb_to_y_torch, ssim_torch
+from kbnet.metrics import ImageMean, psnr_torch, rgb_to_y_torch, ssim_torch
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RestorationModule(L.LightningModule):
         self.progressive: ProgressiveSchedule | None = None
         self._stage_index = -1
         self._last_loss: torch.Tensor | None = None
-        self._val_totals: dict[str, torch.Tensor] = {}
+        self._val_means: dict[str, ImageMean] = {}
 
     # ----------------------------------------------------------------------------------------------- setup
     def _max_steps(self) -> int:
@@ -226,10 +226,10 @@ class RestorationModule(L.LightningModule):
         return keep
 
     def on_validation_epoch_start(self) -> None:
-        self._val_totals = {}
+        self._val_means = {}
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """Per-image metrics, summed per metric with their image count; averaged at the end of the epoch."""
+        """Per-image metrics, added to each metric's running mean (``ImageMean``) without the padded samples."""
         inp, target = batch["input"], batch["target"]
         restored = self.restore(inp)
         metrics = self.image_metrics(restored, target)
@@ -237,26 +237,22 @@ class RestorationModule(L.LightningModule):
         keep = self._unpadded(target.shape[0], batch_idx, dataloader_idx).to(target.device)
         for prefix in self._val_prefixes(dataloader_idx):
             for key, values in metrics.items():
-                # A batch of padding only still adds (0, 0), so every rank ends with the same metric names.
-                total = self._val_totals.setdefault(f"{prefix}/{key}", torch.zeros(2, dtype=torch.float64,
-                                                                                 device=target.device))
-                total += torch.stack([values[keep].double().sum(), keep.sum().double()])
+                # A batch of padding only still creates the metric, so every rank ends with the same metric names.
+                name = f"{prefix}/{key}"
+                if name not in self._val_means:
+                    self._val_means[name] = ImageMean().to(target.device)
+                self._val_means[name].update(values, keep)
         return {"restored": restored}
 
     def on_validation_epoch_end(self) -> None:
         """Log each metric's mean over the validation images of all ranks, each image counted once.
 
-        Sums and counts are added up over the ranks in float64 and divided once. Lightning's own
+        ``ImageMean`` sums the per-image values and counts over the ranks and divides once; Lightning's own
         ``sync_dist`` averaging of per-rank means would need equal image counts per rank (with gloo it even
         truncates the averaged count to an integer), which a validation set split over ranks rarely has.
         """
-        names = sorted(self._val_totals)  # the same names, in the same order, on every rank
-        if not names:
-            return
-        totals = self.trainer.strategy.reduce(torch.stack([self._val_totals[name] for name in names]),
-                                              reduce_op="sum")
-        for name, (total, count) in zip(names, totals, strict=True):
-            self.log(name, (total / count).float(), prog_bar=name == "val/psnr", sync_dist=False)
+        for name in sorted(self._val_means):  # the same names, in the same order, on every rank
+            self.log(name, self._val_means[name].compute(), prog_bar=name == "val/psnr", sync_dist=False)
 
 
 def to_y_uint8_levels(rgb: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,24 @@
-"""Batched PSNR / SSIM on float tensors for validation during training, one value per image.
+"""Batched PSNR / SSIM on float tensors for validation during training, one value per image, and the running
+mean of such values over a validation set on every rank.
 
-They follow the exact metrics' definitions (per-image MSE, Gaussian 11x11 SSIM over the valid region, MATLAB
-studio-swing Y) on any device. Unlike torchmetrics' defaults, nothing is pooled over the batch and SSIM is not
-padded. Differences from the exact numpy metrics: float32 arithmetic (inputs are upcast to at least float32)
-and, with ``y_channel``, Y is left unrounded: the deraining protocol rounds Y to uint8 after rounding the
-output to uint8, which only the exact metrics on uint8 input reproduce (measured gap on noisy real images: 0.006 to
-0.11 dB PSNR, 2e-4 to 1.5e-3 SSIM). Against the exact metrics on the same float input: PSNR within 4e-6 dB,
-SSIM within 3e-7 (tests assert 1e-4 dB and 1e-5).
+PSNR is torchmetrics' own (``peak_signal_noise_ratio`` with ``dim=(1, 2, 3)``, ``reduction="none"``,
+``data_range``), which is the paper's per-image PSNR. SSIM is not torchmetrics': its
+``structural_similarity_index_measure`` pads each image and averages the whole SSIM map, while the paper's
+MATLAB/BasicSR SSIM averages only the valid region (the map shrinks by 5 px per side for the 11x11 window), so
+``ssim_torch`` computes that valid-region Gaussian SSIM itself. Both follow the exact metrics' definitions
+(MATLAB studio-swing Y with ``y_channel``) on any device. Differences from the exact numpy metrics: float32
+arithmetic (inputs are upcast to at least float32) and, with ``y_channel``, Y is left unrounded: the deraining
+protocol rounds Y to uint8 after rounding the output to uint8, which only the exact metrics on uint8 input
+reproduce (measured gap on noisy real images: 0.006 to 0.11 dB PSNR, 2e-4 to 1.5e-3 SSIM). Against the exact
+metrics on the same float input: PSNR within 4e-6 dB, SSIM within 3e-7 (tests assert 1e-4 dB and 1e-5).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from kbnet.metrics.convert import Y_COEFFS, Y_OFFSET
 from kbnet.metrics.exact import SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW, gaussian_window_1d
@@ -53,8 +59,7 @@ def psnr_torch(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0
     pred, target = _check_pair(pred, target, crop_border)
     if y_channel:
         pred, target = rgb_to_y_torch(pred, data_range), rgb_to_y_torch(target, data_range)
-    mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
-    return 10.0 * torch.log10(data_range**2 / mse)
+    return peak_signal_noise_ratio(pred, target, data_range=data_range, reduction="none", dim=(1, 2, 3))
 
 
 def ssim_torch(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, y_channel: bool = False,
@@ -83,3 +88,29 @@ def ssim_torch(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     ssim_map = num / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3))
+
+
+class ImageMean(Metric):
+    """The mean of per-image values (PSNR, SSIM, ...) over a whole set, each image counted once on every rank.
+
+    The states are a float64 sum and an image count, both summed over the processes (``dist_reduce_fx="sum"``)
+    and divided once, so ranks holding different numbers of images still give the mean over all images (a mean of
+    per-rank means would not), and ``keep`` leaves out the copies a ``DistributedSampler`` pads a set with.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add the images of a batch (``values``: one per image); ``keep`` marks the real (unpadded) ones."""
+        if keep is None:
+            keep = torch.ones_like(values, dtype=torch.bool)
+        self.total += values[keep].double().sum()
+        self.count += keep.sum().double()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
