@@ -3,7 +3,7 @@
     python -m benchmarks.kba                 # the full table (takes several minutes on 2 cores)
     python -m benchmarks.kba --quick         # tiny shapes, one repeat: a smoke run
 
-For each shape (spec §1.2/§1.3 levels at a 128² and a 256² input, batch 1 and 2) it times the forward pass and
+For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the forward pass and
 forward+backward (gradients of all four inputs), interleaving the implementations, and measures their peak memory
 in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means ours is faster or
 leaner.
@@ -59,12 +59,12 @@ class Case:
 
     @property
     def gmacs(self) -> float:
-        """Multiply-accumulates of the kernel fusion and application in the official formulation (spec §1.5)."""
+        """Multiply-accumulates of the kernel fusion and application in the official formulation: C·gc·k²·(nset+1) + nset·C per pixel."""
         per_basis = self.channels * self.group_channels * KERNEL**2
         return self.batch * self.size**2 * (per_basis * (NSET + 1) + NSET * self.channels) / 1e9
 
 
-LEVELS = {  # spec §1.2 and §1.3: (level, channels entering KBA, downscale)
+LEVELS = {  # per backbone: channels per group, then (level, channels entering KBA, downscale)
     "KBNet_s": (4, [("L1", 64, 1), ("L2", 128, 2), ("L3", 256, 4), ("L4", 512, 8), ("middle", 1024, 16)]),
     "KBNet_l": (2, [("enc1", 72, 1), ("dec1/refine", 144, 1), ("L2", 144, 2), ("L3", 288, 4), ("latent", 576, 8)]),
 }

@@ -186,7 +186,8 @@ class CleanImageDataset(RestorationDataset):
 
 
 class GaussianNoiseDataset(RestorationDataset):
-    """Clean images with the official deterministic test noise: every image seeded with ``seed`` (spec §3).
+    """Clean images with the official deterministic test noise: every image seeded with ``seed``
+    (``np.random.seed(0)`` per image in the official test script).
 
     σ is ``sigma``, or for blind models the centre of ``sigma_range`` (0-255 units).
     """

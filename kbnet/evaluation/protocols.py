@@ -1,4 +1,4 @@
-"""The per-task test protocols of the paper (spec §3), each one object: how the input reaches the network, how the
+"""The per-task test protocols of the paper and its official test scripts, each one object: how the input reaches the network, how the
 output is rounded, and which metrics are computed on what.
 
 | task | forward | output scored as | metrics |

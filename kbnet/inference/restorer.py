@@ -52,7 +52,8 @@ class Restorer:
     Args:
         model: backbone mapping (B, C, H, W) in [0, 1] to the same shape.
         device: where the network runs; inputs and outputs stay on the host.
-        precision: ``fp32``, or ``bf16`` autocast (CUDA only; KBNet overflows in float16, spec §1.1).
+        precision: ``fp32``, or ``bf16`` autocast (CUDA only; KBNet is not float16-safe: spandrel, which
+            ships KBNet, marks it half-unsafe and bfloat16-safe).
         tile: ``"auto"`` tiles only when the image would exceed ``max_memory_bytes``; ``None``/0 never tiles; an
             integer tiles at that size (rounded down to the model's size multiple in blend mode).
         tile_overlap: pixels shared by neighbouring tiles (blend) or the centre-crop margin (official).

@@ -1,6 +1,6 @@
 """The shared KBNet training recipe as one LightningModule base; task modules override only what differs.
 
-Recipe (spec §2.1): AdamW over all backbone parameters, the official per-step cosine-restart LR, gradient-norm
+Recipe (the official one): AdamW over all backbone parameters, the official per-step cosine-restart LR, gradient-norm
 clipping (``trainer.gradient_clip_val``), progressive patch/batch stages sub-cropped on the device, L1 loss, and
 validation by per-image PSNR/SSIM on clamped outputs (which fixes the official unclamped-peak bug).
 """
@@ -84,7 +84,7 @@ class RestorationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer.precision in UNSAFE_PRECISIONS:
             raise ValueError(f"trainer.precision={self.trainer.precision} is not supported: KBNet is not "
-                             "float16-safe (spec §1.1); use bf16-mixed or 32-true")
+                             "float16-safe (spandrel marks it half-unsafe, bfloat16-safe); use bf16-mixed or 32-true")
         if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("module.ema_decay is not supported with strategy=fsdp (the EMA copy would be "
                              "sharded); use ddp or set module.ema_decay=null")

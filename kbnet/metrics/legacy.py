@@ -6,7 +6,7 @@ per channel then averaged over channels. They differ in the data range:
 
 * SIDD (``structural_similarity(gt, out, multichannel=True)`` on float32): scikit-image of that era inferred
   the range from the dtype, -1..1 for floats, so L = 2. This inflates SSIM against MATLAB's ``ssim``;
-  spec.md §3 recommends reporting it next to the MATLAB-style value.
+  we report it next to the MATLAB-style value, so numbers compare with the paper's table and with MATLAB.
 * DPDD (``structural_similarity(gt, out, data_range=1, multichannel=True)``): L = 1.
 
 Implemented here with scipy so the numbers do not move with scikit-image releases.

@@ -1,4 +1,4 @@
-"""KBNet_l: the Restormer-style U-Net of KBNet, used for deraining and defocus deblurring (spec §1.3)."""
+"""KBNet_l: the Restormer-style U-Net of KBNet, used for deraining and defocus deblurring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KBNet_s: the NAFNet-style U-Net of KBNet, used for Gaussian and real-noise denoising (spec §1.2)."""
+"""KBNet_s: the NAFNet-style U-Net of KBNet, used for Gaussian and real-noise denoising."""
 
 from __future__ import annotations
 

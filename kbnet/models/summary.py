@@ -2,7 +2,7 @@
 
 The paper (like thop/ptflops) counts only convolutions; the KBA kernel fusion and application and the transposed
 attention are matrix products those tools do not see. ``count_macs(..., include_matmul=True)`` adds them, with the
-KBA counted in the official formulation (C·gc·k²·(nset+1) + nset·C per pixel, spec §1.5). The counts come from
+KBA counted in the official formulation (C·gc·k²·(nset+1) + nset·C per pixel). The counts come from
 forward hooks on a pass over a tensor on the ``meta`` device, so even large sizes cost no compute.
 """
 

@@ -1,4 +1,4 @@
-"""The official KBA formulation (spec §1.1), kept as the yardstick for tests and benchmarks.
+"""The official KBA formulation (``KBAFunction`` of the official code), kept as the yardstick for tests and benchmarks.
 
 It builds the fused kernel of every pixel as one tensor of B·H·W·C·(C/groups)·k² values, applies it to the unfolded
 input with batched matrix-vector products, and (like the official custom backward) stores only its inputs and
