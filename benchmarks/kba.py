@@ -3,10 +3,10 @@
     python -m benchmarks.kba                 # the full table (takes several minutes on 2 cores)
     python -m benchmarks.kba --quick         # tiny shapes, one repeat: a smoke run
 
-For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the forward pass and
-forward+backward (gradients of all four inputs), interleaving the implementations, and measures their peak memory
-in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means ours is faster or
-leaner.
+For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the
+forward pass and forward+backward (gradients of all four inputs), interleaving the implementations, and measures
+their peak memory in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means
+ours is faster or leaner.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Case:
 
     @property
     def gmacs(self) -> float:
-        """Multiply-accumulates of the kernel fusion and application in the official formulation: C·gc·k²·(nset+1) + nset·C per pixel."""
+        """Multiply-accumulates of the kernel fusion and application in the official formulation:
+        C·gc·k²·(nset+1) + nset·C per pixel."""
         per_basis = self.channels * self.group_channels * KERNEL**2
         return self.batch * self.size**2 * (per_basis * (NSET + 1) + NSET * self.channels) / 1e9
 

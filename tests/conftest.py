@@ -53,7 +53,7 @@ def hydra_job(mode: RunMode, output_dir: Path, *overrides: str, job_num: int = 0
         HydraConfig.instance().cfg = None
 
 
-TINY_MODELS = {"kbnet_s_tiny": ["model.width=8"], "kbnet_l_tiny": ["model.dim=12", "model.heads=[1,1,1,1]"]}
+TINY_MODELS = {"kbnet_s_tiny": ["+model.width=8"], "kbnet_l_tiny": ["+model.dim=12", "+model.heads=[1,1,1,1]"]}
 
 
 def tiny_run_overrides(run_dir: Path, model: str = "kbnet_s_tiny", demo_data: bool = True) -> list[str]:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from kbnet.lit import DeblurModule, DenoiseModule, DerainModule, GaussianDenoiseModule
 from kbnet.models.kbnet_l import KBBlockL
 from kbnet.models.kbnet_s import KBBlockS
+from kbnet.models.summary import count_parameters
 from kbnet.training import (
     WANDB_ID_FILE,
     build_callbacks,
@@ -42,13 +43,13 @@ TASKS = {
     "motion_deblur": (DeblurModule, 3),
 }
 MODELS = ["kbnet_s", "kbnet_s_sidd", "kbnet_l", "kbnet_s_tiny", "kbnet_l_tiny"]
-EXPERIMENTS = {  # experiment: (task, model preset, data module's first validation set)
-    "kbnet_s_gauss_color_s15": ("gaussian_denoise", "kbnet_s", "CBSD68"),
-    "kbnet_s_gauss_color_s25": ("gaussian_denoise", "kbnet_s", "CBSD68"),
-    "kbnet_s_gauss_color_s50": ("gaussian_denoise", "kbnet_s", "CBSD68"),
-    "kbnet_s_gauss_gray_s15": ("gaussian_denoise", "kbnet_s", "BSD68"),
-    "kbnet_s_gauss_gray_s25": ("gaussian_denoise", "kbnet_s", "BSD68"),
-    "kbnet_s_gauss_gray_s50": ("gaussian_denoise", "kbnet_s", "BSD68"),
+EXPERIMENTS = {  # experiment and its overrides: (task, model preset, data module's first validation set)
+    "kbnet_s_gauss_color": ("gaussian_denoise", "kbnet_s", "CBSD68"),
+    "kbnet_s_gauss_color task.sigma=15": ("gaussian_denoise", "kbnet_s", "CBSD68"),
+    "kbnet_s_gauss_color task.sigma=50": ("gaussian_denoise", "kbnet_s", "CBSD68"),
+    "kbnet_s_gauss_gray": ("gaussian_denoise", "kbnet_s", "BSD68"),
+    "kbnet_s_gauss_gray task.sigma=15": ("gaussian_denoise", "kbnet_s", "BSD68"),
+    "kbnet_s_gauss_gray task.sigma=50": ("gaussian_denoise", "kbnet_s", "BSD68"),
     "kbnet_s_sidd": ("real_denoise", "kbnet_s_sidd", "SIDD"),
     "kbnet_l_rain13k": ("derain", "kbnet_l", "Rain100L"),
     "kbnet_l_dpdd": ("defocus_deblur", "kbnet_l", "DPDD"),
@@ -92,7 +93,8 @@ def test_every_task_and_model_composes_and_instantiates(task: str, model: str, t
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 def test_paper_recipes_compose_with_the_full_schedule(experiment: str, tmp_path: Path) -> None:
     task, model, val_set = EXPERIMENTS[experiment]
-    cfg = resolve_config(compose_train(f"experiment={experiment}", f"paths.output_dir={tmp_path}",
+    name, *overrides = experiment.split()
+    cfg = resolve_config(compose_train(f"experiment={name}", *overrides, f"paths.output_dir={tmp_path}",
                                        "trainer.accelerator=cpu"))
     net, module, datamodule = build_parts(cfg)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=False)
@@ -109,11 +111,11 @@ def test_paper_recipes_compose_with_the_full_schedule(experiment: str, tmp_path:
     denoising = task.endswith("denoise")
     assert dict(cfg.task.progressive) == (DENOISE_TABLE if denoising else RESTORE_TABLE)
     assert module.hparams.get("mixup_prob", 0.0) == (0.5 if denoising else 0.0)
-    if experiment.startswith("kbnet_s_gauss"):
-        assert cfg.task.sigma == int(experiment.rsplit("_s", 1)[1])
-        assert input_channels(net) == (1 if "gray" in experiment else 3)
+    if name.startswith("kbnet_s_gauss"):
+        assert cfg.task.sigma == (int(overrides[0].split("=")[1]) if overrides else 25)
+        assert input_channels(net) == (1 if "gray" in name else 3)
     if model == "kbnet_s_sidd":
-        assert cfg.model.lightweight and cfg.model.ffn_scale == 1.5
+        assert round(count_parameters(net) / 1e6, 2) == 128.40  # lightweight blocks, FFN 1.5
 
 
 def test_default_run_is_the_cpu_demo(tmp_path: Path) -> None:

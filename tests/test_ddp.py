@@ -77,7 +77,7 @@ def equivalence_overrides(log_dir: Path, run_name: str) -> list[str]:
     return [
         f"paths.log_dir={log_dir}", f"run_name={run_name}", "logger=csv", "task=defocus_deblur",
         "task.progressive=null", "~data", f"+data._target_={__name__}.FixedPairs", "data.patch_size=32",
-        "model=kbnet_s_tiny", "model.width=8", "global_batch_size=8", "trainer.accelerator=cpu",
+        "model=kbnet_s_tiny", "+model.width=8", "global_batch_size=8", "trainer.accelerator=cpu",
         "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.num_sanity_val_steps=0",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
         "~callbacks.model_summary", "~callbacks.val_images", "callbacks.periodic_checkpoint.every_n_train_steps=3",
@@ -122,7 +122,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path: P
         torch.testing.assert_close(ddp_ckpt["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-TINY_DEMO = ["model=kbnet_s_tiny", "model.width=8", "data.train_size=64", "data.val_size=48", "data.train_repeat=4",
+TINY_DEMO = ["model=kbnet_s_tiny", "+model.width=8", "data.train_size=64", "data.val_size=48", "data.train_repeat=4",
              "data.patch_size=32", "task.progressive.patch_sizes=[16,16,24,24,32,32]", "global_batch_size=16",
              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
              "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",

@@ -22,11 +22,11 @@ from kbnet.lit import (
     RestorationModule,
 )
 from kbnet.lit.augment import step_rng
-from kbnet.lit.base import to_y_uint8_levels
 from kbnet.lit.ema import EMA
 from kbnet.lit.losses import build_loss
 from kbnet.lit.schedule import ProgressiveSchedule, cosine_restart_lr, scaled_boundaries
 from kbnet.metrics import psnr as exact_psnr
+from kbnet.metrics import to_y_uint8_levels
 from kbnet.models import create_model, load_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")

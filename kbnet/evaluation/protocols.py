@@ -1,5 +1,5 @@
-"""The per-task test protocols of the paper and its official test scripts, each one object: how the input reaches the network, how the
-output is rounded, and which metrics are computed on what.
+"""The per-task test protocols of the paper and its official test scripts, each one object: how the input reaches
+the network, how the output is rounded, and which metrics are computed on what.
 
 | task | forward | output scored as | metrics |
 |---|---|---|---|

@@ -1,8 +1,8 @@
 """×8 self-ensemble (geometric test-time augmentation): average the outputs of the 8 flips/rotations.
 
-Not part of the KBNet protocols (the paper uses no test-time augmentation anywhere); offered as an option because it usually buys a
-little PSNR at 8× the compute. Each pass maps its output back before averaging, so the ensemble of any network
-is exactly equivariant to the 8 transforms.
+Not part of the KBNet protocols (the paper uses no test-time augmentation anywhere); offered as an option because
+it usually buys a little PSNR at 8× the compute. Each pass maps its output back before averaging, so the ensemble
+of any network is exactly equivariant to the 8 transforms.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from kbnet.lit.augment import progressive_crop, step_rng
 from kbnet.lit.ema import EMA
 from kbnet.lit.losses import build_loss
 from kbnet.lit.schedule import ProgressiveSchedule, lr_lambda
-from kbnet.metrics import ImageMean, psnr_torch, rgb_to_y_torch, ssim_torch
+from kbnet.metrics import ImageMean, psnr_torch, ssim_torch, to_y_uint8_levels
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,3 @@ class RestorationModule(L.LightningModule):
         """
         for name in sorted(self._val_means):  # the same names, in the same order, on every rank
             self.log(name, self._val_means[name].compute(), prog_bar=name == "val/psnr", sync_dist=False)
-
-
-def to_y_uint8_levels(rgb: torch.Tensor) -> torch.Tensor:
-    """MATLAB ``rgb2ycbcr`` Y of the 8-bit-rounded image, itself rounded to 8 bits, scaled to [0, 1].
-
-    The deraining protocol saves outputs as 8-bit PNGs and scores MATLAB's uint8 Y; rounding half away from
-    zero (``floor(x + 0.5)`` for these non-negative values) matches MATLAB.
-    """
-    rgb8 = torch.floor(rgb.clamp(0, 1) * 255 + 0.5) / 255
-    return torch.floor(rgb_to_y_torch(rgb8) * 255 + 0.5) / 255

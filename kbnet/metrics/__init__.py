@@ -13,7 +13,7 @@ from kbnet.metrics.aggregate import MetricTable, mean_metric
 from kbnet.metrics.convert import rgb_to_y
 from kbnet.metrics.exact import psnr, ssim
 from kbnet.metrics.legacy import mae, ssim_dpdd, ssim_skimage_legacy, ssim_uniform
-from kbnet.metrics.torch_metrics import ImageMean, psnr_torch, rgb_to_y_torch, ssim_torch
+from kbnet.metrics.torch_metrics import ImageMean, psnr_torch, rgb_to_y_torch, ssim_torch, to_y_uint8_levels
 
 __all__ = [
     "ImageMean",
@@ -29,4 +29,5 @@ __all__ = [
     "ssim_skimage_legacy",
     "ssim_torch",
     "ssim_uniform",
+    "to_y_uint8_levels",
 ]

@@ -53,6 +53,16 @@ def rgb_to_y_torch(img: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     return (Y_COEFFS[0] * r + Y_COEFFS[1] * g + Y_COEFFS[2] * b) / 255.0 + Y_OFFSET / 255.0 * data_range
 
 
+def to_y_uint8_levels(rgb: torch.Tensor) -> torch.Tensor:
+    """MATLAB ``rgb2ycbcr`` Y of the 8-bit-rounded image, itself rounded to 8 bits, scaled to [0, 1].
+
+    The deraining protocol saves outputs as 8-bit PNGs and scores MATLAB's uint8 Y; rounding half away from
+    zero (``floor(x + 0.5)`` for these non-negative values) matches MATLAB.
+    """
+    rgb8 = torch.floor(rgb.clamp(0, 1) * 255 + 0.5) / 255
+    return torch.floor(rgb_to_y_torch(rgb8) * 255 + 0.5) / 255
+
+
 def psnr_torch(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, y_channel: bool = False,
                crop_border: int = 0) -> torch.Tensor:
     """PSNR in dB of each image of a BxCxHxW batch, shape (B,); ``inf`` for an identical pair."""
