@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kbnet.cli import user_errors
+from kbnet.errors import ConfigError
 from kbnet.models.kbnet_l import TransAttention
 from kbnet.models.layers import KernelBasisAttention
 from kbnet.models.registry import PRESETS, create_model, list_models
@@ -90,11 +92,14 @@ def format_table(rows: list[dict[str, object]], size: int) -> str:
     return "\n".join(lines)
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Parameters and MACs of KBNet presets (batch 1, square input).")
     parser.add_argument("models", nargs="*", default=list_models(), help=f"presets (default: all of {list_models()})")
     parser.add_argument("--size", type=int, default=256, help="input height = width in pixels (default 256)")
     args = parser.parse_args(argv)
+    if args.size < 1:
+        raise ConfigError(f"--size {args.size}: the input side must be a positive number of pixels (e.g. 256)")
     unknown = [m for m in args.models if m not in PRESETS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; available: {list_models()}")
