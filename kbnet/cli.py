@@ -81,7 +81,8 @@ def report(message: object) -> None:
 
 
 def user_errors(main: F) -> F:
-    """Decorate a console script's ``main``: a user error becomes one ``error:`` line and exit status 2."""
+    """Decorate a console script's ``main``: a user error becomes one ``error:`` line and the return value 2,
+    the exit status of ``sys.exit(main())`` (how console scripts call it)."""
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -91,7 +92,7 @@ def user_errors(main: F) -> F:
             if user_error is None or full_traceback_requested():
                 raise
             report(user_error)
-            raise SystemExit(EXIT_USER_ERROR) from None
+            return EXIT_USER_ERROR
     return wrapper  # type: ignore[return-value]
 
 

@@ -90,17 +90,19 @@ def describe_layout(spec: Mapping[str, Any]) -> str:
 class LoaderDataModule(LightningDataModule):
     """Dataloader plumbing shared by the data modules: training patches in batches, whole images one by one.
 
-    ``val_set_names``/``test_set_names`` are known from the configuration, before any data is read, so a
-    LightningModule can name its metrics early. Subclasses fill ``train_dataset``, ``val_datasets`` and
+    ``batch_size`` is the per-device training batch (``None`` in the data configs: ``train`` derives it from
+    ``global_batch_size``; validation and test load one image at a time). ``val_set_names``/``test_set_names`` are
+    known from the configuration, before any data is read, so a LightningModule can name its metrics early.
+    Subclasses fill ``train_dataset``, ``val_datasets`` and
     ``test_datasets`` (name -> dataset) in ``setup``. Worker seeding is left to Lightning: with
     ``seed_everything(seed, workers=True)`` every worker of every rank gets its own reproducible seed, and the
     augmentations draw from it.
     """
 
-    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, val_set_names: list[str],
+    def __init__(self, batch_size: int | None, num_workers: int, pin_memory: bool, val_set_names: list[str],
                  test_set_names: list[str]) -> None:
         super().__init__()
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
@@ -127,6 +129,9 @@ class LoaderDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup('fit') must run before train_dataloader()")
+        if self.batch_size is None:
+            raise ConfigError(f"{type(self).__name__} has no training batch size: train.py sets it from "
+                              "global_batch_size; pass batch_size=<per-device batch> when building it yourself")
         if len(self.train_dataset) < self.batch_size:
             raise ConfigError(f"the training set has {len(self.train_dataset)} samples per epoch, fewer than "
                               f"batch_size={self.batch_size}; raise train_repeat in the data config")
@@ -172,7 +177,7 @@ class RestorationDataModule(LoaderDataModule):
 
     def __init__(self, train: Mapping[str, Any], val_sets: Mapping[str, Mapping[str, Any]],
                  test_sets: Mapping[str, Mapping[str, Any]] | None = None, channels: int = 3,
-                 patch_size: int = 384, batch_size: int = 8, geometric_augs: bool = True,
+                 patch_size: int = 384, batch_size: int | None = 8, geometric_augs: bool = True,
                  train_repeat: int = 1, num_workers: int = 8, pin_memory: bool = True,
                  prepare_hint: str = "", verify: str = "header") -> None:
         if channels not in (1, 3):

@@ -80,7 +80,7 @@ class DemoDataModule(LoaderDataModule):
     """
 
     def __init__(self, task: str, channels: int = 3, sigma: float | None = None,
-                 sigma_range: Sequence[float] | None = None, patch_size: int = 64, batch_size: int = 8,
+                 sigma_range: Sequence[float] | None = None, patch_size: int = 64, batch_size: int | None = 8,
                  train_size: int = 256, val_size: int = 256, train_repeat: int = 16, seed: int = 0,
                  geometric_augs: bool = True, num_workers: int = 0, pin_memory: bool = False,
                  verify: str = "header") -> None:

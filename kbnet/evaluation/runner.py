@@ -190,7 +190,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     check_output_dir(out_dir, cfg.overwrite)
     restorer = build_restorer(cfg, loaded.model, protocol)
-    datamodule = instantiate(cfg.data, batch_size=1)  # the protocols score one image at a time
+    datamodule = instantiate(cfg.data)
     datamodule.setup("test")
     loaders = dict(zip(datamodule.test_set_names, datamodule.test_dataloader(), strict=True))
     names = select_sets(list(loaders), cfg.get("sets"))

@@ -209,7 +209,7 @@ class DenoisingBaseline(L.Callback):
                 noisy = item["input"].permute(1, 2, 0).double().numpy()
                 target = item["target"].permute(1, 2, 0).double().numpy()
                 denoised = denoise_nl_means(noisy, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6,
-                                            fast_mode=True, channel_axis=-1)
+                                            fast_mode=True, channel_axis=-1).reshape(target.shape)
                 mse = float(((denoised.clip(0, 1) - target) ** 2).mean())
                 scores.append(10 * math.log10(1.0 / mse))
         return sum(scores) / len(scores), len(scores)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -93,7 +94,7 @@ def format_table(rows: list[dict[str, object]], size: int) -> str:
 
 
 @user_errors
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Parameters and MACs of KBNet presets (batch 1, square input).")
     parser.add_argument("models", nargs="*", default=list_models(), help=f"presets (default: all of {list_models()})")
     parser.add_argument("--size", type=int, default=256, help="input height = width in pixels (default 256)")
@@ -104,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; available: {list_models()}")
     print(format_table(summary_rows(args.models, args.size), args.size))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
