@@ -12,8 +12,9 @@ Hydra (1.3) needs two hooks because it catches exceptions itself:
 * around ``hydra.main`` (``run_hydra``): composition errors (unknown override key, missing config group option,
   bad override syntax) are raised before the task runs and would be printed by Hydra with a hint about
   ``HYDRA_FULL_ERROR``. ``run_hydra`` sets that variable while Hydra composes, so those errors reach it and become
-  one ``error:`` line; the task restores the user's setting before any work, so training and its child processes
-  see the environment the user gave.
+  one ``error:`` line; the user's setting is given back as soon as composition is over (``RunDirectoryGuard``,
+  or at the latest when the task starts), so jobs, training and its child processes see the environment the user
+  gave.
 
 Hydra creates the run directory (and its log file) before the task starts. ``RunDirectoryGuard``, a Hydra
 callback, notes which directories did not exist yet; a user error that stops a run before it started (before
@@ -167,9 +168,15 @@ def run_hydra(main: Callable[[], Any]) -> None:
 
 
 class RunDirectoryGuard(Callback):
-    """Notes the run directory (and its parents) that Hydra is about to create for a single run."""
+    """Notes the run directory (and its parents) that Hydra is about to create for a single run. Composition is
+    over when Hydra calls it, so it also gives back the user's ``HYDRA_FULL_ERROR`` setting, before a sweep's
+    launcher submits jobs with this process's environment."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _restore_full_error_env()
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _restore_full_error_env()
         _State.new_paths, _State.run_dir = [], None
         run_dir = OmegaConf.select(config, "hydra.run.dir", throw_on_resolution_failure=False)
         if run_dir is None:

@@ -23,7 +23,7 @@ Check = Callable[[Any], str | None]
 """Returns None when the value fits, else why not (e.g. "expected an integer >= 1")."""
 
 FLOAT16_PRECISIONS = frozenset({"16", "16-mixed", "16-true", "float16", "half", "fp16"})
-TRAIN_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
+TRAIN_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "64-true", "64")
 EVAL_PRECISIONS = ("fp32", "bf16")
 VERIFY_MODES = ("header", "full", "off")
 

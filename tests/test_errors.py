@@ -57,10 +57,10 @@ BAD_TRAIN_VALUES = [
     ("trainer.log_every_n_steps=-3", "trainer.log_every_n_steps=-3: expected an integer >= 1"),
     ("trainer.precision=16-mixed", "trainer.precision='16-mixed': float16 is refused on every device (KBNet "
                                    "overflows in float16); use bf16-mixed or 32-true (allowed: 32-true, 32, "
-                                   "bf16-mixed, bf16-true, 64-true, 64)"),
+                                   "bf16-mixed, bf16-true, bf16, 64-true, 64)"),
     ("trainer.precision=16", "trainer.precision=16: float16 is refused on every device (KBNet overflows in "
                              "float16); use bf16-mixed or 32-true (allowed: 32-true, 32, bf16-mixed, bf16-true, "
-                             "64-true, 64)"),
+                             "bf16, 64-true, 64)"),
     ("trainer.devices=0", "trainer.devices=0: expected auto, -1 (all), a number of devices >= 1, or a list of "
                           "device indices"),
     ("module.optimizer.lr=fast", "module.optimizer.lr='fast': expected a number > 0"),
@@ -275,7 +275,9 @@ def test_train_lists_bad_data_files_before_step_zero(tmp_path: Path) -> None:
 def test_evaluate_refuses_float16(tmp_path: Path) -> None:
     result = run_user_command(["evaluate.py", f"paths.log_dir={tmp_path / 'outputs'}", "precision=fp16",
                                "ckpt_path=/no/such.ckpt"])
-    assert_user_error(result, "error: ckpt_path='/no/such.ckpt': no such file")
+    message = assert_user_error(result, "error: ckpt_path='/no/such.ckpt': no such file")
+    assert message[1:] == ["precision='fp16': float16 is refused (KBNet overflows in float16); use fp32 or bf16",
+                           "(2 invalid values)"]
     assert not (tmp_path / "outputs").exists()
 
 
