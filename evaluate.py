@@ -10,15 +10,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from kbnet.cli import hydra_task, run_hydra
 from kbnet.evaluation import evaluate
 
 os.environ.setdefault("KBNET_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@hydra_task
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -9,12 +9,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from kbnet.cli import hydra_task, run_hydra
 from kbnet.training import train
 
 os.environ.setdefault("KBNET_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra_task
 def main(cfg: DictConfig) -> float | None:
     """Returns the best validation PSNR of the run: the objective of `hparams_search` sweeps."""
     metrics = train(cfg)
@@ -22,4 +24,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -12,10 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kbnet.errors import ConfigError, DataError, ExistingFileError, MissingFileError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DataError):
     """An image file that cannot be used, with the path and the reason in the message."""
 
 
@@ -36,10 +38,10 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files of a folder in sorted name order; an empty or missing folder is an error, never an empty list."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise MissingFileError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {folder}")
+        raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {folder}")
     return files
 
 
@@ -107,7 +109,7 @@ def to_integer(img: np.ndarray, bit_depth: int = 8) -> np.ndarray:
         return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
     if bit_depth == 16:
         return np.rint(np.clip(img, 0.0, 1.0) * 65535.0).astype(np.uint16)
-    raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    raise ConfigError(f"bit_depth must be 8 or 16, got {bit_depth}")
 
 
 def write_image(path: str | Path, image: Image | np.ndarray, bit_depth: int | None = None,
@@ -117,13 +119,13 @@ def write_image(path: str | Path, image: Image | np.ndarray, bit_depth: int | No
     if isinstance(image, np.ndarray):
         image = Image(pixels=image)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"refusing to overwrite existing file {path}")
+        raise ExistingFileError(f"refusing to overwrite existing file {path}")
     depth = bit_depth or (16 if image.bit_depth == 16 else 8)
     suffix = path.suffix.lower()
     if suffix in (".jpg", ".jpeg", ".bmp", ".webp") and depth != 8:
         depth = 8
     if suffix not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported output format (use one of {', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"{path}: unsupported output format (use one of {', '.join(IMAGE_SUFFIXES)})")
     px = image.pixels
     if px.ndim == 2:
         px = px[:, :, None]

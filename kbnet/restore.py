@@ -23,17 +23,19 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kbnet.cli import user_errors
+from kbnet.errors import UserError
 from kbnet.imageio import IMAGE_SUFFIXES, Image, convert_channels, list_images, read_image, write_image
 from kbnet.inference import Restorer, load_model, resolve_device
 from kbnet.inference.tiling import TileCallback
 from kbnet.metrics import psnr
-from kbnet.models import WeightLoadError, list_models
+from kbnet.models import list_models
 
 OUTPUT_FORMATS = ("same", "png", "tif", "tiff", "jpg", "jpeg")
 COMPARE_SUFFIX = "_compare.png"
 
 
-class RestoreError(ValueError):
+class RestoreError(UserError, ValueError):
     """A problem with the command line's files, reported before anything is written where possible."""
 
 
@@ -86,6 +88,9 @@ def plan_jobs(inputs: Sequence[Path], output_dir: Path, fmt: str = "same", targe
     files, folders = expand_inputs(inputs)
     if not files:
         raise RestoreError("no input images given")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RestoreError(f"-o/--output {output_dir} is an existing file; give a folder for the results (it is "
+                           "created if missing)")
     output_dir = output_dir.resolve()
     if any(folder.resolve() == output_dir for folder in folders):
         raise RestoreError(f"the output folder {output_dir} is also an input folder; choose another one so "
@@ -271,15 +276,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
                 progress.console.print(report, soft_wrap=True, highlight=False)
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns 0, or 2 with the reason on stderr."""
+    """Console entry point; returns 0, or exits with status 2 and one ``error:`` line (``kbnet.cli``)."""
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     try:
         run(args, console)
-    except (ValueError, WeightLoadError, MemoryError, OSError) as err:  # ImageReadError, CheckpointError: ValueError
-        print(f"kbnet-restore: error: {err}", file=sys.stderr)
-        return 2
+    except MemoryError as err:
+        raise RestoreError(f"{err}; restore in tiles (--tile 512) or allow more memory (--max-memory-gb)") from err
     return 0
 
 

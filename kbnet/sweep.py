@@ -30,6 +30,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kbnet.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
@@ -80,17 +82,17 @@ def check_sweep_launch(relaunches_script: bool, processes: int) -> None:
     mode = hydra_mode()
     if mode == RunMode.MULTIRUN:
         if relaunches_script and processes > 1:
-            raise ValueError(
+            raise ConfigError(
                 "strategy=ddp re-runs the command line in each rank, which under Hydra multirun (-m) restarts the "
                 f"whole sweep in every rank (Lightning issue #11300). {SUPPORTED_WAYS}")
         launcher = external_launcher()
         if launcher in ("torchrun", "srun"):
-            raise ValueError(
+            raise ConfigError(
                 f"this sweep (-m) was started by {launcher} in several processes: each would run the whole sweep "
                 f"on its own (and an Optuna search would draw different trials per process). {SUPPORTED_WAYS}")
     elif mode == RunMode.RUN and "submitit" in str(HydraConfig.get().launcher.get("_target_", "")):
-        raise ValueError("launcher=slurm submits the jobs of a sweep and needs -m (Hydra runs launchers only in "
-                         "multirun mode): `python train.py -m launcher=slurm ...`")
+        raise ConfigError("launcher=slurm submits the jobs of a sweep and needs -m (Hydra runs launchers only in "
+                          "multirun mode): `python train.py -m launcher=slurm ...`")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from kbnet.config_check import check_train_config
+from kbnet.errors import ConfigError, ExistingFileError, MissingFileError
 from kbnet.lit.base import RestorationModule
 from kbnet.lit.callbacks import BestMetric
 from kbnet.lit.schedule import ProgressiveSchedule
@@ -69,7 +71,7 @@ def check_run_name_agreement(cfg: DictConfig) -> None:
     launcher = external_launcher()
     raw_name = OmegaConf.to_container(cfg, resolve=False).get("run_name")
     if launcher in ("torchrun", "srun") and "${now:" in str(raw_name):
-        raise ValueError(
+        raise ConfigError(
             f"this run was started by {launcher} in several processes, which would each resolve "
             f"run_name={raw_name} at their own time and could disagree on the run directory; pass an explicit "
             "run_name (e.g. run_name=sidd_8gpu) so every rank uses the same one")
@@ -79,10 +81,10 @@ def check_config(cfg: DictConfig) -> None:
     """Reject keys nobody reads: a typo in an experiment file must not be silently ignored."""
     unknown = sorted(set(cfg) - TOP_LEVEL_KEYS)
     if unknown:
-        raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
+        raise ConfigError(f"unknown top-level config key(s) {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
     unknown = sorted(set(cfg.task) - TASK_KEYS)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in the task config ({cfg.task.name}); known: {sorted(TASK_KEYS)}")
+        raise ConfigError(f"unknown key(s) {unknown} in the task config ({cfg.task.name}); known: {sorted(TASK_KEYS)}")
 
 
 def resolve_config(cfg: DictConfig) -> DictConfig:
@@ -99,19 +101,19 @@ def last_checkpoint_path(callbacks: list[L.Callback]) -> Path:
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
             return Path(callback.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-    raise ValueError("resume needs a ModelCheckpoint callback with save_last=true and a dirpath in "
-                     "callbacks (configs/callbacks/default.yaml has one)")
+    raise ConfigError("resume needs a ModelCheckpoint callback with save_last=true and a dirpath in "
+                      "callbacks (configs/callbacks/default.yaml has one)")
 
 
 def check_run_dir(run_dir: Path, resume: bool, last_ckpt: Path | None) -> None:
     """A new run never lands in a started run's directory; a resume needs something to resume."""
     if resume:
         if last_ckpt is None or not last_ckpt.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"resume=true but {last_ckpt} does not exist: the run in {run_dir} has no checkpoint to continue "
                 "(it may have stopped before its first checkpoint). Start a new run with another run_name.")
     elif (run_dir / CONFIG_FILE).exists():
-        raise FileExistsError(
+        raise ExistingFileError(
             f"run directory {run_dir} already holds a run ({CONFIG_FILE} exists). Pass resume=true to continue it "
             "or choose another run_name; nothing in it is overwritten.")
 
@@ -229,8 +231,8 @@ def per_device_batch(global_batch_size: int, trainer: L.Trainer) -> int:
     """``global_batch_size`` split over devices × nodes; uneven splits are refused, never rounded."""
     processes = trainer.num_devices * trainer.num_nodes
     if global_batch_size <= 0 or global_batch_size % processes:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                         f"{processes} processes ({trainer.num_devices} devices x {trainer.num_nodes} nodes)")
+        raise ConfigError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                          f"{processes} processes ({trainer.num_devices} devices x {trainer.num_nodes} nodes)")
     return global_batch_size // processes
 
 
@@ -242,8 +244,8 @@ def check_progressive(cfg: DictConfig, max_steps: int, batch_size: int) -> None:
     ProgressiveSchedule(**table, max_steps=max_steps).device_batch_sizes(batch_size)
     loader_patch = cfg.data.get("patch_size")
     if loader_patch is not None and max(table.patch_sizes) > loader_patch:
-        raise ValueError(f"task.progressive.patch_sizes go up to {max(table.patch_sizes)} but the loader crops "
-                         f"data.patch_size={loader_patch}: raise data.patch_size or lower the stage patch sizes")
+        raise ConfigError(f"task.progressive.patch_sizes go up to {max(table.patch_sizes)} but the loader crops "
+                          f"data.patch_size={loader_patch}: raise data.patch_size or lower the stage patch sizes")
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module) -> RestorationModule:
@@ -255,7 +257,7 @@ def build_module(cfg: DictConfig, net: torch.nn.Module) -> RestorationModule:
     recipe = OmegaConf.to_container(cfg.module)
     clash = sorted(set(task_args) & set(recipe))
     if clash:
-        raise ValueError(f"task.lit_module and module both set {clash}; set each argument in one place")
+        raise ConfigError(f"task.lit_module and module both set {clash}; set each argument in one place")
     progressive = cfg.task.get("progressive")
     return cls(net=net, net_config=OmegaConf.to_container(cfg.model), seed=cfg.seed, task_name=str(cfg.task.name),
                progressive=None if progressive is None else OmegaConf.to_container(progressive),
@@ -317,6 +319,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) one run; returns the final logged metrics (``val/psnr_best``: the best validation PSNR)
     and the checkpoint paths."""
     check_run_name_agreement(cfg)
+    check_train_config(cfg)  # every value's type and range, before anything is written
     cfg = resolve_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     is_launcher = is_launch_process()

@@ -123,7 +123,8 @@ def test_default_run_is_the_cpu_demo(tmp_path: Path) -> None:
     assert cfg.model.name == "kbnet_s_tiny" and cfg.data._target_ == "kbnet.data.DemoDataModule"
     assert cfg.task.name == "gaussian_denoise" and cfg.task.sigma == 25
     assert list(cfg.logger) == ["wandb", "csv"] and cfg.logger.wandb.offline
-    assert cfg.trainer.max_steps == 600 and cfg.global_batch_size == 8 and cfg.torch_threads == 1
+    assert cfg.trainer.max_steps == 1200 and cfg.global_batch_size == 8 and cfg.torch_threads == 1
+    assert cfg.data.val_size >= 256 and "denoising_baseline" in cfg.callbacks
     assert max(cfg.task.progressive.patch_sizes) == cfg.data.patch_size
 
 

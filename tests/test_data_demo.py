@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from skimage.restoration import denoise_nl_means
 
 from kbnet.data import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS, TASKS, DemoDataModule
 from kbnet.data.degradations import add_gaussian_noise, degrade, disk_kernel
 from kbnet.data.demo import load_photo
+from kbnet.lit.callbacks import DenoisingBaseline
 
 
 def test_split_is_explicit_and_disjoint():
@@ -115,3 +119,23 @@ def test_disk_kernel():
     assert kernel.shape == (7, 7) and abs(kernel.sum().item() - 1) < 1e-6
     assert torch.allclose(kernel, kernel.flip(0)) and torch.allclose(kernel, kernel.T)
     assert kernel[3, 3] > kernel[3, 0] > 0 and kernel[0, 0] == 0
+
+
+def test_denoising_baseline_scores_non_local_means_on_the_validation_images() -> None:
+    """The demo's closing comparison: NLM with the documented settings, colour and gray, per-image mean PSNR."""
+    rng = np.random.default_rng(0)
+    for channels in (3, 1):
+        items = []
+        for _ in range(2):
+            target = np.clip(rng.random((32, 48, channels)) * 0.2 + 0.4, 0, 1)
+            noisy = target + rng.normal(0, 25 / 255, target.shape)
+            items.append({"input": torch.from_numpy(noisy.transpose(2, 0, 1)),
+                          "target": torch.from_numpy(target.transpose(2, 0, 1))})
+        trainer = SimpleNamespace(val_dataloaders=[SimpleNamespace(dataset=items)])
+        nlm, count = DenoisingBaseline(sigma=25, task="gaussian_denoise").nlm_psnr(trainer)
+        s = 25 / 255
+        expected = np.mean([10 * np.log10(1 / np.mean((denoise_nl_means(
+            item["input"].numpy().transpose(1, 2, 0), h=0.8 * s, sigma=s, patch_size=5, patch_distance=6,
+            fast_mode=True, channel_axis=-1).reshape(32, 48, channels).clip(0, 1)
+            - item["target"].numpy().transpose(1, 2, 0)) ** 2)) for item in items])
+        assert count == 2 and nlm == pytest.approx(expected, abs=1e-9)

@@ -105,7 +105,8 @@ def test_no_test_sets_and_too_small_training_set(tmp_path):
 
 def compose(config: Path, task: dict, data_dir: Path):
     root = OmegaConf.create({"task": task, "paths": {"data_dir": str(data_dir)}, "data": OmegaConf.load(config)})
-    return hydra.utils.instantiate(root.data)
+    assert root.data.batch_size is None  # train.py passes the per-device batch, derived from global_batch_size
+    return hydra.utils.instantiate(root.data, batch_size=8)
 
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -25,6 +25,8 @@ from kbnet.data.datasets import (
     SIDDBlocksDataset,
     mean_input_psnr,
 )
+from kbnet.data.verify import VERIFY_MODES, verify_datasets
+from kbnet.errors import ConfigError
 
 DATASET_KINDS: dict[str, type[RestorationDataset]] = {
     "paired": PairedImageDataset,
@@ -47,18 +49,18 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
     spec = dict(spec)
     kind = spec.get("kind")
     if kind not in DATASET_KINDS:
-        raise ValueError(f"{where}.kind: expected one of {', '.join(DATASET_KINDS)}, got {kind!r}")
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(DATASET_KINDS)}, got {kind!r}")
     params = _spec_parameters(kind)
     unknown = sorted(set(spec) - set(params) - set(_SPEC_ONLY_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for kind {kind!r} "
-                         f"(expected: {', '.join(params)})")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} for kind {kind!r} "
+                          f"(expected: {', '.join(params)})")
     missing = sorted(n for n, p in params.items() if p.default is p.empty and n not in spec)
     if missing:
-        raise ValueError(f"{where}: kind {kind!r} needs {', '.join(missing)}")
+        raise ConfigError(f"{where}: kind {kind!r} needs {', '.join(missing)}")
     only = spec.get("only_for_channels")
     if only is not None and only not in (1, 3):
-        raise ValueError(f"{where}.only_for_channels: expected 1 or 3, got {only!r}")
+        raise ConfigError(f"{where}.only_for_channels: expected 1 or 3, got {only!r}")
     return spec
 
 
@@ -88,20 +90,22 @@ def describe_layout(spec: Mapping[str, Any]) -> str:
 class LoaderDataModule(LightningDataModule):
     """Dataloader plumbing shared by the data modules: training patches in batches, whole images one by one.
 
-    ``val_set_names``/``test_set_names`` are known from the configuration, before any data is read, so a
-    LightningModule can name its metrics early. Subclasses fill ``train_dataset``, ``val_datasets`` and
+    ``batch_size`` is the per-device training batch (``None`` in the data configs: ``train`` derives it from
+    ``global_batch_size``; validation and test load one image at a time). ``val_set_names``/``test_set_names`` are
+    known from the configuration, before any data is read, so a LightningModule can name its metrics early.
+    Subclasses fill ``train_dataset``, ``val_datasets`` and
     ``test_datasets`` (name -> dataset) in ``setup``. Worker seeding is left to Lightning: with
     ``seed_everything(seed, workers=True)`` every worker of every rank gets its own reproducible seed, and the
     augmentations draw from it.
     """
 
-    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, val_set_names: list[str],
+    def __init__(self, batch_size: int | None, num_workers: int, pin_memory: bool, val_set_names: list[str],
                  test_set_names: list[str]) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+            raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -125,9 +129,12 @@ class LoaderDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup('fit') must run before train_dataloader()")
+        if self.batch_size is None:
+            raise ConfigError(f"{type(self).__name__} has no training batch size: train.py sets it from "
+                              "global_batch_size; pass batch_size=<per-device batch> when building it yourself")
         if len(self.train_dataset) < self.batch_size:
-            raise ValueError(f"the training set has {len(self.train_dataset)} samples per epoch, fewer than "
-                             f"batch_size={self.batch_size}; raise train_repeat in the data config")
+            raise ConfigError(f"the training set has {len(self.train_dataset)} samples per epoch, fewer than "
+                              f"batch_size={self.batch_size}; raise train_repeat in the data config")
         return self._loader(self.train_dataset, train=True)
 
     def _loaders(self, datasets: dict[str, Dataset], names: list[str], stage: str) -> list[DataLoader]:
@@ -164,15 +171,20 @@ class RestorationDataModule(LoaderDataModule):
         batch_size: training batch size per device; validation and test use 1.
         train_repeat: times each training image is listed per epoch.
         prepare_hint: how to obtain the data, shown when it is missing.
+        verify: ``header`` | ``full`` | ``off``: how the files are checked in ``setup``, before any training
+            step (``kbnet.data.verify``).
     """
 
     def __init__(self, train: Mapping[str, Any], val_sets: Mapping[str, Mapping[str, Any]],
                  test_sets: Mapping[str, Mapping[str, Any]] | None = None, channels: int = 3,
-                 patch_size: int = 384, batch_size: int = 8, geometric_augs: bool = True,
+                 patch_size: int = 384, batch_size: int | None = 8, geometric_augs: bool = True,
                  train_repeat: int = 1, num_workers: int = 8, pin_memory: bool = True,
-                 prepare_hint: str = "") -> None:
+                 prepare_hint: str = "", verify: str = "header") -> None:
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"channels must be 1 or 3, got {channels}")
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"data.verify={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
+        self.verify = verify
         self.train_spec = check_spec(train, "train")
         self.val_specs = select_specs(val_sets, "val_sets", channels)
         self.test_specs = select_specs(test_sets or {}, "test_sets", channels)
@@ -202,14 +214,19 @@ class RestorationDataModule(LoaderDataModule):
             ) from err
 
     def setup(self, stage: str | None = None) -> None:
+        built: dict[str, Dataset] = {}
         if stage in ("fit", None) and self.train_dataset is None:
-            self.train_dataset = self.build(self.train_spec, "train", train=True)
+            self.train_dataset = built["train"] = self.build(self.train_spec, "train", train=True)
         if stage in ("fit", "validate", None) and len(self.val_datasets) != len(self.val_specs):
             self.val_datasets = {name: self.build(spec, name) for name, spec in self.val_specs.items()}
+            built.update({f"validation set {name}": ds for name, ds in self.val_datasets.items()})
         if stage in ("test", None) and len(self.test_datasets) != len(self.test_specs):
             self.test_datasets = {name: self.build(spec, name) for name, spec in self.test_specs.items()}
+            built.update({f"test set {name}": ds for name, ds in self.test_datasets.items()})
+        if built:
+            verify_datasets(built, self.verify)
 
     def test_dataloader(self) -> list[DataLoader]:
         if not self.test_specs:
-            raise ValueError(f"this data config defines no test sets for channels={self.channels}")
+            raise ConfigError(f"this data config defines no test sets for channels={self.channels}")
         return super().test_dataloader()

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from kbnet.data.degradations import add_gaussian_noise, validation_sigma
 from kbnet.data.transforms import PairedTransform
+from kbnet.errors import ConfigError, DataError, UserError
 from kbnet.imageio import IMAGE_SUFFIXES, convert_channels, read_image
 
 SIDD_NOISY_KEY = "ValidationNoisyBlocksSrgb"
@@ -27,7 +28,7 @@ SIDD_GT_KEY = "ValidationGtBlocksSrgb"
 _LIST_LIMIT = 20
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset folder or file that is missing or empty; the data module adds the expected layout."""
 
     def __init__(self, path: Path, reason: str, details: str = "") -> None:
@@ -36,7 +37,7 @@ class DatasetNotFoundError(FileNotFoundError):
         self.reason = reason
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """Dataset content that cannot be used as is (unpaired files, size mismatch, bad .mat or label file)."""
 
 
@@ -86,9 +87,9 @@ class RestorationDataset(Dataset, ABC):
     def __init__(self, channels: int = 3, patch_size: int | None = None, geometric_augs: bool = True,
                  repeat: int = 1) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"channels must be 1 or 3, got {channels}")
         if repeat < 1:
-            raise ValueError(f"repeat must be at least 1, got {repeat}")
+            raise ConfigError(f"repeat must be at least 1, got {repeat}")
         self.channels = channels
         self.repeat = repeat
         self.transform = PairedTransform(patch_size, geometric_augs) if patch_size is not None else None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kbnet.data._albumentations import A
+from kbnet.errors import ConfigError
 
 TASKS = ("gaussian_denoise", "real_denoise", "derain", "defocus_deblur", "motion_deblur")
 
@@ -44,7 +45,7 @@ def gaussian_noise_like(
     noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
     if isinstance(sigma_255, torch.Tensor) and sigma_255.ndim > 0:
         if sigma_255.shape != tensor.shape[:1]:
-            raise ValueError(
+            raise ConfigError(
                 f"sigma_255 must be a number or have shape ({tensor.shape[0]},) for a batch of "
                 f"{tensor.shape[0]}, got shape {tuple(sigma_255.shape)}"
             )
@@ -62,9 +63,9 @@ def validation_sigma(sigma: float | None, sigma_range: list[float] | tuple[float
         return float(sigma)
     if sigma_range is not None:
         if len(sigma_range) != 2:
-            raise ValueError(f"sigma_range must be [low, high], got {list(sigma_range)}")
+            raise ConfigError(f"sigma_range must be [low, high], got {list(sigma_range)}")
         return (float(sigma_range[0]) + float(sigma_range[1])) / 2.0
-    raise ValueError("Gaussian denoising needs task.sigma or task.sigma_range for its validation noise")
+    raise ConfigError("Gaussian denoising needs task.sigma or task.sigma_range for its validation noise")
 
 
 def quantize(img: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ def photo_seed(name: str, seed: int) -> int:
 
 def _demo_gaussian(img: np.ndarray, name: str, seed: int, sigma: float | None) -> np.ndarray:
     if sigma is None:
-        raise ValueError("gaussian_denoise needs a noise level sigma (0-255 units)")
+        raise ConfigError("gaussian_denoise needs a noise level sigma (0-255 units)")
     # The official protocol seeds every image with the same seed, not a per-image one.
     return add_gaussian_noise(img, sigma, seed)
 
@@ -179,5 +180,5 @@ def degrade(task: str, img: np.ndarray, name: str, seed: int = 0, sigma: float |
     ``sigma`` (0-255 units) is the Gaussian noise level and is required for ``gaussian_denoise`` only.
     """
     if task not in _DEMO_DEGRADATIONS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     return _DEMO_DEGRADATIONS[task](img, name, seed, sigma)

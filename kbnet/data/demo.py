@@ -16,6 +16,8 @@ import skimage.data
 from kbnet.data.datamodule import LoaderDataModule
 from kbnet.data.datasets import ArrayPairsDataset
 from kbnet.data.degradations import TASKS, add_gaussian_noise, degrade, validation_sigma
+from kbnet.data.verify import VERIFY_MODES
+from kbnet.errors import ConfigError
 from kbnet.imageio import convert_channels
 
 _PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -40,9 +42,9 @@ def load_photo(name: str, channels: int, max_side: int) -> np.ndarray:
     """A scikit-image photo as float32 H x W x ``channels``, downscaled so its longer side is at most
     ``max_side`` and centre-cropped to multiples of 16 (so every backbone takes it without padding)."""
     if name not in _PHOTOS:
-        raise ValueError(f"unknown demo photo {name!r}; available: {', '.join(_PHOTOS)}")
+        raise ConfigError(f"unknown demo photo {name!r}; available: {', '.join(_PHOTOS)}")
     if max_side < SIZE_MULTIPLE:
-        raise ValueError(f"max_side must be at least {SIZE_MULTIPLE}, got {max_side}")
+        raise ConfigError(f"max_side must be at least {SIZE_MULTIPLE}, got {max_side}")
     img = _PHOTOS[name]().astype(np.float32) / 255.0
     if img.ndim == 2:
         img = img[:, :, None]
@@ -71,18 +73,24 @@ class DemoDataModule(LoaderDataModule):
         seed: seed of the synthetic degradations (Gaussian validation noise: the same seed for every image,
             as the official test protocol does).
 
+    ``verify`` is accepted like every data config's (``kbnet.data.verify``); the demo photos are built in memory
+    from scikit-image's arrays, so there is no file to check.
+
     For gaussian_denoise the training inputs equal the targets: the LightningModule adds fresh noise itself.
     """
 
     def __init__(self, task: str, channels: int = 3, sigma: float | None = None,
-                 sigma_range: Sequence[float] | None = None, patch_size: int = 64, batch_size: int = 8,
-                 train_size: int = 192, val_size: int = 160, train_repeat: int = 16, seed: int = 0,
-                 geometric_augs: bool = True, num_workers: int = 0, pin_memory: bool = False) -> None:
+                 sigma_range: Sequence[float] | None = None, patch_size: int = 64, batch_size: int | None = 8,
+                 train_size: int = 256, val_size: int = 256, train_repeat: int = 16, seed: int = 0,
+                 geometric_augs: bool = True, num_workers: int = 0, pin_memory: bool = False,
+                 verify: str = "header") -> None:
         super().__init__(batch_size, num_workers, pin_memory, val_set_names=["demo"], test_set_names=["demo"])
         if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"channels must be 1 or 3, got {channels}")
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"data.verify={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
         self.task = task
         self.channels = channels
         self.val_sigma = (validation_sigma(sigma, None if sigma_range is None else list(sigma_range))

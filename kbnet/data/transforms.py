@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kbnet.data._albumentations import A
+from kbnet.errors import ConfigError
 
 
 class PairedTransform:
@@ -21,7 +22,7 @@ class PairedTransform:
 
     def __init__(self, patch_size: int, geometric_augs: bool = True) -> None:
         if patch_size < 1:
-            raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
+            raise ConfigError(f"patch_size must be a positive number of pixels, got {patch_size}")
         self.patch_size = patch_size
         steps: list[A.BasicTransform] = [
             A.PadIfNeeded(min_height=patch_size, min_width=patch_size, position="top_left",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbnet.errors import ConfigError
 from kbnet.imageio import to_integer
 from kbnet.metrics import mae, psnr, ssim, ssim_dpdd, ssim_skimage_legacy
 
@@ -109,5 +110,5 @@ PROTOCOLS: dict[str, Protocol] = {
 
 def get_protocol(task: str) -> Protocol:
     if task not in PROTOCOLS:
-        raise ValueError(f"no evaluation protocol for task {task!r}; known: {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"no evaluation protocol for task {task!r}; known: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[task]

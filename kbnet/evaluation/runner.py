@@ -18,6 +18,8 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kbnet.config_check import check_eval_config
+from kbnet.errors import ConfigError, DataError, ExistingFileError
 from kbnet.evaluation.protocols import Protocol, get_protocol
 from kbnet.evaluation.reporting import log_results, summary_markdown, summary_rows, write_summary
 from kbnet.imageio import write_image
@@ -45,11 +47,11 @@ def check_config(cfg: DictConfig) -> None:
     """Unknown keys (typos) and an ambiguous or missing weights source are refused before any work."""
     unknown = sorted(set(cfg) - TOP_LEVEL_KEYS)
     if unknown:
-        raise ValueError(f"unknown top-level config key(s) {unknown} in the evaluation config; known: "
-                         f"{sorted(TOP_LEVEL_KEYS)}")
+        raise ConfigError(f"unknown top-level config key(s) {unknown} in the evaluation config; known: "
+                          f"{sorted(TOP_LEVEL_KEYS)}")
     if (cfg.get("ckpt_path") is None) == (cfg.get("pretrained") is None):
-        raise ValueError("evaluation needs exactly one weights source: ckpt_path=<one of our checkpoints> (it rebuilds "
-                         "its own model) or pretrained=<official release file> together with model=<preset>")
+        raise ConfigError("evaluation needs exactly one weights source: ckpt_path=<one of our checkpoints> (it "
+                          "rebuilds its own model) or pretrained=<official release file> together with model=<preset>")
 
 
 def load_eval_model(cfg: DictConfig) -> LoadedModel:
@@ -60,20 +62,20 @@ def load_eval_model(cfg: DictConfig) -> LoadedModel:
         path = Path(cfg.ckpt_path)
         content = read_checkpoint(path)
         if net_config_of(content) is None:
-            raise ValueError(f"ckpt_path={path} is not a checkpoint of this project (no hyper_parameters.net_config); "
-                             "for an official release file use pretrained=<file> model=<preset>")
+            raise ConfigError(f"ckpt_path={path} is not a checkpoint of this project (no hyper_parameters.net_config); "
+                              "for an official release file use pretrained=<file> model=<preset>")
         trained_for = task_of(content)
         if trained_for is not None and trained_for != cfg.task.name:
-            raise ValueError(f"ckpt_path={path} was trained for task={trained_for}, not task={cfg.task.name}: "
-                             f"evaluate it with task={trained_for} (and a data= config of that task)")
+            raise ConfigError(f"ckpt_path={path} was trained for task={trained_for}, not task={cfg.task.name}: "
+                              f"evaluate it with task={trained_for} (and a data= config of that task)")
         expect = None if model_cfg is None else str(model_cfg.name)
         loaded = model_from_checkpoint(path, content, weights=cfg.get("weights") or "auto", expect_name=expect)
         with open_dict(cfg):
             cfg.model = OmegaConf.create(net_config_of(content))
         return loaded
     if model_cfg is None:
-        raise ValueError(f"pretrained={cfg.pretrained} holds bare weights: choose their preset with model=<name> "
-                         "(kbnet_s, kbnet_s_sidd, kbnet_l, ... as in configs/model)")
+        raise ConfigError(f"pretrained={cfg.pretrained} holds bare weights: choose their preset with model=<name> "
+                          "(kbnet_s, kbnet_s_sidd, kbnet_l, ... as in configs/model)")
     try:
         return model_from_official(cfg.pretrained, instantiate(model_cfg), str(model_cfg.name), key=cfg.get("weights"))
     except WeightLoadError as err:
@@ -83,8 +85,8 @@ def load_eval_model(cfg: DictConfig) -> LoadedModel:
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if (out_dir / CONFIG_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds an evaluation ({CONFIG_FILE} exists); choose another "
-                              "run_name or pass overwrite=true to replace its results")
+        raise ExistingFileError(f"{out_dir} already holds an evaluation ({CONFIG_FILE} exists); choose another "
+                                "run_name or pass overwrite=true to replace its results")
 
 
 def build_restorer(cfg: DictConfig, model: torch.nn.Module, protocol: Protocol) -> Restorer:
@@ -101,8 +103,8 @@ def select_sets(names: Sequence[str], wanted: Sequence[str] | None) -> list[str]
         return list(names)
     missing = [name for name in wanted if name not in names]
     if missing:
-        raise ValueError(f"sets={list(wanted)}: no test set(s) {missing} in this data config; available: "
-                         f"{', '.join(names)}")
+        raise ConfigError(f"sets={list(wanted)}: no test set(s) {missing} in this data config; available: "
+                          f"{', '.join(names)}")
     return list(wanted)
 
 
@@ -125,14 +127,14 @@ def evaluate_set(name: str, loader: Any, restorer: Restorer, protocol: Protocol,
         try:
             table.add(name=image_name, **protocol.score(restored, target))
         except ValueError as err:
-            raise ValueError(f"test set {name}, image {image_name}: {err}") from err
+            raise DataError(f"test set {name}, image {image_name}: {err}") from err
         if image_dir is not None:
             pixels = protocol.scored_pixels(restored)
             depth = 8 if pixels.dtype == np.uint8 else 16
             write_image(image_dir / f"{image_name}.png", pixels.astype(np.float32) / (255.0 if depth == 8 else 1.0),
                         bit_depth=depth, overwrite=overwrite)
     if not len(table):
-        raise ValueError(f"test set {name} is empty")
+        raise DataError(f"test set {name} is empty")
     return table
 
 
@@ -174,6 +176,7 @@ def _finish_wandb(loggers: Sequence[Logger]) -> None:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one checkpoint on every test set of ``cfg.data``; returns the run directory and the per-set means."""
     check_config(cfg)
+    check_eval_config(cfg)
     cfg = copy.deepcopy(cfg)
     if cfg.get("torch_threads") is not None:
         torch.set_num_threads(cfg.torch_threads)
@@ -182,8 +185,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     protocol = get_protocol(cfg.task.name)
     channels = model_channels(loaded.model)
     if channels != cfg.task.channels:
-        raise ValueError(f"the model ({loaded.source}) takes {channels}-channel images but task {cfg.task.name} is set "
-                         f"up for task.channels={cfg.task.channels}")
+        raise ConfigError(f"the model ({loaded.source}) takes {channels}-channel images but task {cfg.task.name} is "
+                          f"set up for task.channels={cfg.task.channels}")
     out_dir = Path(cfg.paths.output_dir)
     check_output_dir(out_dir, cfg.overwrite)
     restorer = build_restorer(cfg, loaded.model, protocol)

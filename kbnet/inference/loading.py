@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from kbnet.errors import MissingFileError, UserError
 from kbnet.models import KBNetL, KBNetS, create_model, list_models, load_weights
 from kbnet.models.kbnet_l import SIZE_MULTIPLE as KBNET_L_MULTIPLE
 
@@ -25,7 +26,7 @@ EMA_PREFIX = "ema.module."
 PROJECT_WEIGHTS = ("auto", "ema", "net")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot give the requested model; the message names the file and what was expected."""
 
 
@@ -42,7 +43,7 @@ def read_checkpoint(path: str | Path) -> Any:
     """The unpickled content of a checkpoint file (memory-mapped where the format allows, so reading is cheap)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kbnet.errors import ConfigError
 from kbnet.inference.ensemble import self_ensemble
 from kbnet.inference.loading import model_channels, model_size_multiple
 from kbnet.inference.memory import (
@@ -39,9 +40,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA GPU is available (use --device cpu or auto)")
+        raise ConfigError("device cuda requested but no CUDA GPU is available (use --device cpu or auto)")
     return device
 
 
@@ -77,15 +78,15 @@ class Restorer:
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and self.device.type != "cuda":
-            raise ValueError("bf16 autocast is offered on CUDA only; use fp32 on the CPU")
+            raise ConfigError("bf16 autocast is offered on CUDA only; use fp32 on the CPU")
         if self.tile_mode not in ("blend", "official"):
-            raise ValueError(f"tile_mode must be blend or official, got {self.tile_mode!r}")
+            raise ConfigError(f"tile_mode must be blend or official, got {self.tile_mode!r}")
         if self.tile == AUTO and self.tile_mode == "official":
-            raise ValueError("the official tiling needs a fixed tile size (e.g. 1024), not auto")
+            raise ConfigError("the official tiling needs a fixed tile size (e.g. 1024), not auto")
         if not (self.tile in (AUTO, None) or (isinstance(self.tile, int) and self.tile >= 0)):
-            raise ValueError(f"tile must be 'auto', null/0 (never tile) or a positive size, got {self.tile!r}")
+            raise ConfigError(f"tile must be 'auto', null/0 (never tile) or a positive size, got {self.tile!r}")
         self.model = self.model.to(self.device).eval()
         self.channels = model_channels(self.model)
         self.multiple = model_size_multiple(self.model)
@@ -111,8 +112,8 @@ class Restorer:
                 return int(self.tile)
             tile = int(self.tile) // self.multiple * self.multiple
             if tile <= 2 * self.tile_overlap:
-                raise ValueError(f"tile {self.tile} (rounded to the model's multiple of {self.multiple}: {tile}) must "
-                                 f"exceed twice the overlap {self.tile_overlap}")
+                raise ConfigError(f"tile {self.tile} (rounded to the model's multiple of {self.multiple}: {tile}) must "
+                                  f"exceed twice the overlap {self.tile_overlap}")
             return None if tile >= max(height, width) else tile
         reserved = memory_in_use(self.device) + (host_bytes(self.channels, height, width)
                                                  if self.device.type == "cpu" else 0)

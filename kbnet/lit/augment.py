@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kbnet.errors import ConfigError
+
 
 def step_rng(seed: int, rank: int, step: int) -> np.random.Generator:
     """The random stream of one optimizer step on one rank."""
@@ -27,11 +29,11 @@ def progressive_crop(inp: torch.Tensor, target: torch.Tensor, batch_size: int, p
         raise ValueError(f"input and target batches differ in shape: {tuple(inp.shape)} vs {tuple(target.shape)}")
     loaded, _, height, width = target.shape
     if batch_size > loaded:
-        raise ValueError(f"the progressive stage needs {batch_size} samples but the loader yielded {loaded} "
-                         "(the per-device batch comes from global_batch_size)")
+        raise ConfigError(f"the progressive stage needs {batch_size} samples but the loader yielded {loaded} "
+                          "(the per-device batch comes from global_batch_size)")
     if patch_size > min(height, width):
-        raise ValueError(f"the progressive stage crops {patch_size}x{patch_size} patches but the loader yields "
-                         f"{height}x{width}: raise data.patch_size or lower task.progressive.patch_sizes")
+        raise ConfigError(f"the progressive stage crops {patch_size}x{patch_size} patches but the loader yields "
+                          f"{height}x{width}: raise data.patch_size or lower task.progressive.patch_sizes")
     if batch_size < loaded:
         index = torch.from_numpy(rng.choice(loaded, size=batch_size, replace=False)).to(inp.device)
         inp, target = inp[index], target[index]
@@ -51,7 +53,7 @@ def mixup(inp: torch.Tensor, target: torch.Tensor, prob: float, beta: float,
     left as is, like the official code whose permutation of one sample is the identity.
     """
     if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"mixup probability must be in [0, 1], got {prob}")
+        raise ConfigError(f"mixup probability must be in [0, 1], got {prob}")
     if rng.random() >= prob or target.shape[0] < 2:
         return inp, target
     lam = float(rng.beta(beta, beta))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DistributedSampler
 
+from kbnet.errors import ConfigError, UserError
 from kbnet.lit.augment import progressive_crop, step_rng
 from kbnet.lit.ema import EMA
 from kbnet.lit.losses import build_loss
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 UNSAFE_PRECISIONS = ("16-mixed", "16-true")
 
 
-class NonFiniteGradientError(RuntimeError):
+class NonFiniteGradientError(UserError, RuntimeError):
     """The loss or the gradients became NaN/inf; raised before the optimizer step so the weights stay good."""
 
 
@@ -77,17 +78,17 @@ class RestorationModule(L.LightningModule):
     def _max_steps(self) -> int:
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise ValueError("trainer.max_steps must be a positive number of steps: the LR schedule and the "
-                             f"progressive stages are fractions of it (got {max_steps})")
+            raise ConfigError("trainer.max_steps must be a positive number of steps: the LR schedule and the "
+                              f"progressive stages are fractions of it (got {max_steps})")
         return max_steps
 
     def setup(self, stage: str) -> None:
         if self.trainer.precision in UNSAFE_PRECISIONS:
-            raise ValueError(f"trainer.precision={self.trainer.precision} is not supported: KBNet is not "
-                             "float16-safe (spandrel marks it half-unsafe, bfloat16-safe); use bf16-mixed or 32-true")
+            raise ConfigError(f"trainer.precision={self.trainer.precision} is not supported: KBNet is not "
+                              "float16-safe (spandrel marks it half-unsafe, bfloat16-safe); use bf16-mixed or 32-true")
         if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ValueError("module.ema_decay is not supported with strategy=fsdp (the EMA copy would be "
-                             "sharded); use ddp or set module.ema_decay=null")
+            raise ConfigError("module.ema_decay is not supported with strategy=fsdp (the EMA copy would be "
+                              "sharded); use ddp or set module.ema_decay=null")
         if stage == "fit" and self.hparams.progressive is not None:
             self.progressive = ProgressiveSchedule(**self.hparams.progressive, max_steps=self._max_steps())
 
@@ -170,7 +171,7 @@ class RestorationModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Lightning ends a fit without any batch quietly; a run that trained nothing is an error here."""
         if self.trainer.global_step == 0 and not self.trainer.fast_dev_run:
-            raise ValueError(
+            raise ConfigError(
                 "no training step ran: the training loader yields no batch on a device. Either "
                 "trainer.limit_train_batches is 0, or the training set split over "
                 f"{self.trainer.world_size} processes has fewer samples than the per-device batch "

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from kbnet.errors import ConfigError
+
 
 class EMA(nn.Module):
     """A frozen copy of the backbone that trails it: ``ema = decay * ema + (1 - decay) * weights`` after each step.
@@ -18,7 +20,7 @@ class EMA(nn.Module):
     def __init__(self, net: nn.Module, decay: float) -> None:
         super().__init__()
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"module.ema_decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"module.ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(net).requires_grad_(False)
 

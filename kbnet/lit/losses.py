@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kbnet.errors import ConfigError
+
 
 class CharbonnierLoss(nn.Module):
     """sqrt((x - y)^2 + eps^2), averaged: a smooth L1 that many restoration papers train with."""
@@ -42,5 +44,5 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
 def build_loss(name: str) -> nn.Module:
     """The loss registered under ``name`` (``module.loss`` in the config)."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r} (module.loss); available: {', '.join(sorted(LOSSES))}")
+        raise ConfigError(f"unknown loss {name!r} (module.loss); available: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]()

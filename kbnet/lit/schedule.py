@@ -12,14 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from kbnet.errors import ConfigError
+
 
 def scaled_boundaries(periods: Sequence[int], max_steps: int) -> list[int]:
     """Cumulative period ends rescaled from ``sum(periods)`` to ``max_steps``; the last one is ``max_steps``."""
     if max_steps <= 0:
-        raise ValueError(f"max_steps must be positive for a step-based schedule, got {max_steps} "
-                         "(set trainer.max_steps)")
+        raise ConfigError(f"max_steps must be positive for a step-based schedule, got {max_steps} "
+                          "(set trainer.max_steps)")
     if not periods or any(int(p) != p or p <= 0 for p in periods):
-        raise ValueError(f"periods must be a non-empty list of positive integers, got {list(periods)}")
+        raise ConfigError(f"periods must be a non-empty list of positive integers, got {list(periods)}")
     total = sum(periods)
     return [round(end * max_steps / total) for end in accumulate(periods)]
 
@@ -40,7 +42,7 @@ def cosine_restart_lr(step: int, boundaries: Sequence[int], base_lr: float, eta_
     (the official scheduler crashes there).
     """
     if len(eta_mins) != len(boundaries):
-        raise ValueError(f"lr_schedule: {len(eta_mins)} eta_mins for {len(boundaries)} periods")
+        raise ConfigError(f"lr_schedule: {len(eta_mins)} eta_mins for {len(boundaries)} periods")
     step = min(step, boundaries[-1])
     index = stage_index(step, boundaries)
     start = boundaries[index - 1] if index else 0
@@ -59,7 +61,7 @@ def lr_lambda(max_steps: int, periods: Sequence[int], base_lr: float,
     """
     boundaries = scaled_boundaries(periods, max_steps)
     if base_lr <= 0:
-        raise ValueError(f"the base learning rate must be positive, got {base_lr}")
+        raise ConfigError(f"the base learning rate must be positive, got {base_lr}")
     return lambda step: cosine_restart_lr(step, boundaries, base_lr, eta_mins) / base_lr
 
 
@@ -83,14 +85,14 @@ class ProgressiveSchedule:
     def __init__(self, iters: Sequence[int], patch_sizes: Sequence[int], batch_sizes: Sequence[int],
                  max_steps: int) -> None:
         if not len(iters) == len(patch_sizes) == len(batch_sizes):
-            raise ValueError(f"progressive: iters, patch_sizes and batch_sizes must have one entry per stage, got "
-                             f"{len(iters)}, {len(patch_sizes)} and {len(batch_sizes)}")
+            raise ConfigError(f"progressive: iters, patch_sizes and batch_sizes must have one entry per stage, got "
+                              f"{len(iters)}, {len(patch_sizes)} and {len(batch_sizes)}")
         if any(p <= 0 for p in patch_sizes) or any(b <= 0 for b in batch_sizes):
-            raise ValueError(f"progressive: patch and batch sizes must be positive, got {list(patch_sizes)} "
-                             f"and {list(batch_sizes)}")
+            raise ConfigError(f"progressive: patch and batch sizes must be positive, got {list(patch_sizes)} "
+                              f"and {list(batch_sizes)}")
         if batch_sizes[0] != max(batch_sizes):
-            raise ValueError(f"progressive.batch_sizes[0] is the full loaded batch and must be the largest, got "
-                             f"{list(batch_sizes)}")
+            raise ConfigError(f"progressive.batch_sizes[0] is the full loaded batch and must be the largest, got "
+                              f"{list(batch_sizes)}")
         self.boundaries = scaled_boundaries(iters, max_steps)
         self.patch_sizes = [int(p) for p in patch_sizes]
         self.batch_sizes = [int(b) for b in batch_sizes]
@@ -100,9 +102,9 @@ class ProgressiveSchedule:
         reference = self.batch_sizes[0]
         if any(b * loader_batch % reference for b in self.batch_sizes):
             needed = reference // math.gcd(reference, *self.batch_sizes)
-            raise ValueError(f"the per-device batch {loader_batch} cannot keep the progressive proportions "
-                             f"{self.batch_sizes}: it must be a multiple of {needed} "
-                             "(global_batch_size = per-device batch x devices x nodes)")
+            raise ConfigError(f"the per-device batch {loader_batch} cannot keep the progressive proportions "
+                              f"{self.batch_sizes}: it must be a multiple of {needed} "
+                              "(global_batch_size = per-device batch x devices x nodes)")
         return [b * loader_batch // reference for b in self.batch_sizes]
 
     def stage(self, step: int, loader_batch: int) -> Stage:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kbnet.data.degradations import gaussian_noise_like
+from kbnet.errors import ConfigError
 from kbnet.lit.augment import mixup
 from kbnet.lit.base import RestorationModule
 
@@ -24,7 +25,7 @@ class DenoiseModule(RestorationModule):
     def __init__(self, net: nn.Module, net_config: dict[str, Any], *, mixup_prob: float = 0.5,
                  mixup_beta: float = 1.2, **recipe: Any) -> None:
         if not 0.0 <= mixup_prob <= 1.0 or mixup_beta <= 0:
-            raise ValueError(f"mixup_prob must be in [0, 1] and mixup_beta positive, got {mixup_prob}, {mixup_beta}")
+            raise ConfigError(f"mixup_prob must be in [0, 1] and mixup_beta positive, got {mixup_prob}, {mixup_beta}")
         super().__init__(net, net_config, **recipe)
 
     def transform_train_pair(self, inp: torch.Tensor, target: torch.Tensor,
@@ -44,12 +45,12 @@ class GaussianDenoiseModule(DenoiseModule):
     def __init__(self, net: nn.Module, net_config: dict[str, Any], *, sigma: float | None = None,
                  sigma_range: Sequence[float] | None = None, **denoise: Any) -> None:
         if (sigma is None) == (sigma_range is None):
-            raise ValueError("gaussian_denoise needs exactly one of task.sigma (fixed σ, e.g. 25) or "
-                             f"task.sigma_range (blind, e.g. [0, 50]); got sigma={sigma}, sigma_range={sigma_range}")
+            raise ConfigError("gaussian_denoise needs exactly one of task.sigma (fixed σ, e.g. 25) or "
+                              f"task.sigma_range (blind, e.g. [0, 50]); got sigma={sigma}, sigma_range={sigma_range}")
         if sigma is not None and sigma < 0:
-            raise ValueError(f"task.sigma must be >= 0 (0-255 units), got {sigma}")
+            raise ConfigError(f"task.sigma must be >= 0 (0-255 units), got {sigma}")
         if sigma_range is not None and (len(sigma_range) != 2 or not 0 <= sigma_range[0] <= sigma_range[1]):
-            raise ValueError(f"task.sigma_range must be [low, high] with 0 <= low <= high, got {list(sigma_range)}")
+            raise ConfigError(f"task.sigma_range must be [low, high] with 0 <= low <= high, got {list(sigma_range)}")
         super().__init__(net, net_config, **denoise)
         self._checked_clean = False
 
@@ -57,8 +58,8 @@ class GaussianDenoiseModule(DenoiseModule):
                              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._checked_clean:
             if not torch.equal(inp, target):
-                raise ValueError("gaussian_denoise trains on clean patches (input == target in the training "
-                                 "batches) and adds the noise itself; the data module delivered degraded inputs")
+                raise ConfigError("gaussian_denoise trains on clean patches (input == target in the training "
+                                  "batches) and adds the noise itself; the data module delivered degraded inputs")
             self._checked_clean = True
         if self.hparams.sigma_range is not None:
             low, high = self.hparams.sigma_range

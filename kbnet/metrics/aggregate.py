@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kbnet.errors import ExistingFileError
+
 REPORT_SUFFIXES = (".csv", ".json", ".md")
 
 
@@ -133,5 +135,5 @@ def report_paths(prefix: str | Path) -> list[Path]:
 def check_can_write(paths: Sequence[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"refusing to overwrite existing report file(s): {', '.join(existing)} "
-                              "(pass overwrite=True / --overwrite)")
+        raise ExistingFileError(f"refusing to overwrite existing report file(s): {', '.join(existing)} "
+                                "(pass overwrite=True / --overwrite)")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kbnet.cli import user_errors
+from kbnet.errors import ConfigError, DataError
 from kbnet.imageio import ImageReadError, list_images, read_image, to_integer
 from kbnet.metrics.aggregate import MetricTable, check_can_write, report_paths
 from kbnet.metrics.exact import psnr, ssim
@@ -53,8 +55,8 @@ def pair_by_name(results: Sequence[Path], targets: Sequence[Path]) -> list[tuple
     by_stem: dict[str, Path] = {}
     for t in targets:
         if t.stem in by_stem:
-            raise ValueError(f"two targets share the stem {t.stem!r}: {by_stem[t.stem].name} and {t.name}; "
-                             "pair them with --pairing sorted or remove one")
+            raise DataError(f"two targets share the stem {t.stem!r}: {by_stem[t.stem].name} and {t.name}; "
+                            "pair them with --pairing sorted or remove one")
         by_stem[t.stem] = t
     pairs: list[tuple[Path, Path]] = []
     claimed: dict[str, Path] = {}
@@ -70,8 +72,8 @@ def pair_by_name(results: Sequence[Path], targets: Sequence[Path]) -> list[tuple
             unmatched_results.append(r)
             continue
         if match in claimed:
-            raise ValueError(f"results {claimed[match].name} and {r.name} both match target "
-                             f"{by_stem[match].name}")
+            raise DataError(f"results {claimed[match].name} and {r.name} both match target "
+                            f"{by_stem[match].name}")
         claimed[match] = r
         pairs.append((r, by_stem[match]))
     unmatched_targets = [t for s, t in by_stem.items() if s not in claimed]
@@ -81,7 +83,7 @@ def pair_by_name(results: Sequence[Path], targets: Sequence[Path]) -> list[tuple
     if unmatched_targets:
         problems.append(_list_unmatched("target(s)", unmatched_targets))
     if problems:
-        raise ValueError("unmatched files when pairing by name; " + "; ".join(problems))
+        raise DataError("unmatched files when pairing by name; " + "; ".join(problems))
     return pairs
 
 
@@ -92,8 +94,8 @@ def pair_sorted(results: Sequence[Path], targets: Sequence[Path]) -> list[tuple[
     if len(results) != len(targets):
         extra_kind, extra = (("result(s)", results[len(targets):]) if len(results) > len(targets)
                              else ("target(s)", targets[len(results):]))
-        raise ValueError(f"unmatched files when pairing in sorted order: {len(results)} results vs "
-                         f"{len(targets)} targets; {_list_unmatched(extra_kind, extra)}")
+        raise DataError(f"unmatched files when pairing in sorted order: {len(results)} results vs "
+                        f"{len(targets)} targets; {_list_unmatched(extra_kind, extra)}")
     return list(zip(results, targets, strict=True))
 
 
@@ -101,7 +103,7 @@ def score_folders(results_dir: str | Path, targets_dir: str | Path, *, y_channel
                   pairing: str = "name") -> MetricTable:
     """PSNR and SSIM of every result against its target on exact uint8 pixels; rows plus ``.means()``."""
     if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+        raise ConfigError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
     results = list_images(results_dir)
     targets = list_images(targets_dir)
     pairs = pair_by_name(results, targets) if pairing == "name" else pair_sorted(results, targets)
@@ -111,13 +113,13 @@ def score_folders(results_dir: str | Path, targets_dir: str | Path, *, y_channel
     for result_path, target_path in pairs:
         pred, gt = read_uint8(result_path), read_uint8(target_path)
         if pred.shape != gt.shape:
-            raise ValueError(f"size mismatch: result {result_path} is {_size(pred)} but target {target_path} "
-                             f"is {_size(gt)}")
+            raise DataError(f"size mismatch: result {result_path} is {_size(pred)} but target {target_path} "
+                            f"is {_size(gt)}")
         try:
             values = {"psnr": psnr(pred, gt, crop_border=crop_border, y_channel=y_channel),
                       "ssim": ssim(pred, gt, crop_border=crop_border, y_channel=y_channel)}
         except ValueError as err:
-            raise ValueError(f"cannot score {result_path} against {target_path}: {err}") from err
+            raise DataError(f"cannot score {result_path} against {target_path}: {err}") from err
         table.add(result=result_path.name, target=target_path.name, **values)
     return table
 
@@ -148,18 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point (``kbnet-score``); returns 0, or 2 with the reason on stderr."""
+    """Console entry point (``kbnet-score``); returns 0, or exits with status 2 and one ``error:`` line."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.out is not None:
-            check_can_write(report_paths(args.out), args.overwrite)
-        table = score_folders(args.results, args.targets, y_channel=args.y_channel,
-                              crop_border=args.crop_border, pairing=args.pairing)
-        written = table.write_reports(args.out, overwrite=args.overwrite) if args.out is not None else []
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"kbnet-score: error: {err}", file=sys.stderr)
-        return 2
+    if args.out is not None:
+        check_can_write(report_paths(args.out), args.overwrite)
+    table = score_folders(args.results, args.targets, y_channel=args.y_channel,
+                          crop_border=args.crop_border, pairing=args.pairing)
+    written = table.write_reports(args.out, overwrite=args.overwrite) if args.out is not None else []
     channel = "Y (MATLAB rgb2ycbcr)" if args.y_channel else "RGB"
     print(f"{args.results} vs {args.targets}: {channel}, crop_border={args.crop_border}, "
           f"pairing={args.pairing}")

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from kbnet.cli import user_errors
+from kbnet.errors import ConfigError
 from kbnet.models.kbnet_l import TransAttention
 from kbnet.models.layers import KernelBasisAttention
 from kbnet.models.registry import PRESETS, create_model, list_models
@@ -90,16 +93,20 @@ def format_table(rows: list[dict[str, object]], size: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Parameters and MACs of KBNet presets (batch 1, square input).")
     parser.add_argument("models", nargs="*", default=list_models(), help=f"presets (default: all of {list_models()})")
     parser.add_argument("--size", type=int, default=256, help="input height = width in pixels (default 256)")
     args = parser.parse_args(argv)
+    if args.size < 1:
+        raise ConfigError(f"--size {args.size}: the input side must be a positive number of pixels (e.g. 256)")
     unknown = [m for m in args.models if m not in PRESETS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; available: {list_models()}")
     print(format_table(summary_rows(args.models, args.size), args.size))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kbnet.errors import MissingFileError, UserError
+
 WRAPPER_KEYS = ("params", "params_ema", "model", "net", "state_dict")
 """Keys under which the official releases (BasicSR ``params``/``params_ema``, SIDD ``model``, Gaussian ``net``) and
 Lightning (``state_dict``) store the weights; the first present one is used unless ``key`` is given."""
@@ -17,7 +19,7 @@ LIGHTNING_PREFIX = "net."
 """Our LightningModules keep the backbone in the attribute ``net``."""
 
 
-class WeightLoadError(RuntimeError):
+class WeightLoadError(UserError, RuntimeError):
     """A checkpoint that does not fit the model; the message lists the differences and a likely cause."""
 
 
@@ -27,7 +29,7 @@ def _read(source: str | os.PathLike | Mapping, key: str | None) -> tuple[dict[st
         name = str(source)
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise MissingFileError(f"checkpoint not found: {path}")
         try:
             source = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
