@@ -18,8 +18,6 @@ import io
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +28,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kbnet.rundir import RESULT_FILE, write_json, write_text
+
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-"""Written by ``kbnet.training.train`` in the run directory: best ``val/psnr``, checkpoints, steps."""
 ROW_FILE = "sweep_job.json"
 SUMMARY_FILE = "sweep_summary.csv"
 SUMMARY_COLUMNS = ("job", "status", "best_val_psnr", "best_checkpoint", "overrides", "run_dir", "error")
@@ -120,18 +118,6 @@ def current_sweep_job() -> SweepJob | None:
     return SweepJob(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), tuple(hydra_cfg.overrides.task))
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write atomically (a temporary file renamed over the target): readers never see half a file."""
-    _replace_atomically(path, json.dumps(data, indent=2) + "\n")
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def job_row(job_num: int, overrides: list[str], run_dir: Path, failure: BaseException | None) -> dict[str, Any]:
     """One summary row: what the job was asked (overrides) and what it reached (from its ``result.json``)."""
     result_path = run_dir / RESULT_FILE
@@ -165,7 +151,7 @@ def write_summary(sweep_dir: Path) -> Path:
     for row in read_rows(sweep_dir):
         writer.writerow({key: "" if row.get(key) is None else row[key] for key in SUMMARY_COLUMNS})
     path = sweep_dir / SUMMARY_FILE
-    _replace_atomically(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
     return path
 
 
