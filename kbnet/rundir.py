@@ -82,13 +82,27 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException as error:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(error, OSError) and not isinstance(error, DiskWriteError):
-            reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
+        cause = _os_error(error)
+        if cause is not None and not isinstance(error, DiskWriteError):
+            reason = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
             raise DiskWriteError(
-                f"could not write {path}: {reason} ({error.strerror or error}; {free_space(path.parent)} on its "
+                f"could not write {path}: {reason} ({cause.strerror or cause}; {free_space(path.parent)} on its "
                 "file system); the previous version of the file, if any, is intact. Free some space (or write "
                 "elsewhere with paths.log_dir=...) and resume with resume=true") from error
         raise
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error``: itself, or one it was raised from or during (``torch.save``'s zip writer
+    turns a failed write into a ``RuntimeError`` raised while handling the ``OSError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -191,10 +205,12 @@ def record_outcome(run_dir: Path, result: Mapping[str, Any]) -> None:
 
 
 def failure_status(error: BaseException) -> str:
-    """``interrupted`` for Ctrl-C and the SIGTERM of a scheduler, ``failed`` for everything else."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    """``interrupted`` for Ctrl-C and a scheduler's SIGTERM, ``failed`` for everything else.
 
-    return INTERRUPTED if isinstance(error, KeyboardInterrupt | SIGTERMException) else FAILED
+    Lightning turns a Ctrl-C during ``fit`` into ``SystemExit(1)`` after its graceful shutdown, and a SIGTERM into
+    ``SIGTERMException``, a ``SystemExit`` too.
+    """
+    return INTERRUPTED if isinstance(error, KeyboardInterrupt | SystemExit) else FAILED
 
 
 def checkpoint_step(path: Path) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -28,7 +27,18 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kbnet.rundir import RESULT_FILE, write_json, write_text
+from kbnet.rundir import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    KILLED,
+    RESULT_FILE,
+    RUNNING,
+    read_json,
+    run_status,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +128,25 @@ def current_sweep_job() -> SweepJob | None:
     return SweepJob(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), tuple(hydra_cfg.overrides.task))
 
 
+def running_record() -> dict[str, Any]:
+    """``result.json`` while a run trains: in a sweep with its job number and overrides, so the summary can list
+    a job whose process was killed before it could write its row."""
+    job = current_sweep_job()
+    return {"status": RUNNING, **({} if job is None else {"job": job.num, "overrides": list(job.overrides)})}
+
+
 def job_row(job_num: int, overrides: list[str], run_dir: Path, failure: BaseException | None) -> dict[str, Any]:
     """One summary row: what the job was asked (overrides) and what it reached (from its ``result.json``)."""
-    result_path = run_dir / RESULT_FILE
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    result = read_json(run_dir / RESULT_FILE)
     error = ""
+    status = COMPLETED
     if failure is not None:
         first_line = next(iter(str(failure).strip().splitlines()), "")
         error = f"{type(failure).__name__}: {first_line}"
+        status = INTERRUPTED if result.get("status") == INTERRUPTED else FAILED
     return {
         "job": job_num,
-        "status": "failed" if failure is not None else "completed",
+        "status": status,
         "best_val_psnr": result.get("best_val_psnr"),
         "best_checkpoint": result.get("best_checkpoint"),
         "overrides": " ".join(overrides),
@@ -138,9 +156,26 @@ def job_row(job_num: int, overrides: list[str], run_dir: Path, failure: BaseExce
 
 
 def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The job rows saved under ``sweep_dir``, sorted by job number."""
-    rows = [json.loads(path.read_text()) for path in sweep_dir.rglob(ROW_FILE)]
-    return sorted(rows, key=lambda row: row["job"])
+    """The job rows under ``sweep_dir``, sorted by job number.
+
+    A job whose run is going on or was killed (``kbnet.rundir.run_status``: ``running`` or ``killed``) is listed
+    with that status, also when no row was written yet or the row is from an earlier attempt.
+    """
+    rows = {}
+    for path in sweep_dir.rglob(RESULT_FILE):
+        result = read_json(path)
+        if "job" in result:
+            rows[path.parent] = {"job": result["job"], "status": run_status(path.parent),
+                                 "best_val_psnr": result.get("best_val_psnr"),
+                                 "best_checkpoint": result.get("best_checkpoint"),
+                                 "overrides": " ".join(result.get("overrides", [])), "run_dir": str(path.parent),
+                                 "error": result.get("error", "")}
+    for path in sweep_dir.rglob(ROW_FILE):
+        row = read_json(path)
+        if rows.get(path.parent, {}).get("status") in (RUNNING, KILLED):
+            row["status"] = rows[path.parent]["status"]
+        rows[path.parent] = row
+    return sorted(rows.values(), key=lambda row: row["job"])
 
 
 def write_summary(sweep_dir: Path) -> Path:

@@ -36,13 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from kbnet.lit.base import RestorationModule
 from kbnet.lit.callbacks import BestMetric
 from kbnet.lit.checkpoint_io import AtomicCheckpointIO
-from kbnet.lit.resume import ResumedCheckpoints
+from kbnet.lit.resume import resume_callbacks
 from kbnet.lit.schedule import ProgressiveSchedule
 from kbnet.models import load_weights
 from kbnet.models.summary import count_macs, count_parameters
 from kbnet.rundir import (
     COMPLETED,
-    RUNNING,
     RunLock,
     clean_temporaries,
     completed_result,
@@ -56,6 +55,7 @@ from kbnet.sweep import (
     current_sweep_job,
     external_launcher,
     is_launch_process,
+    running_record,
     write_json,
 )
 
@@ -335,7 +335,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     is_launcher = is_launch_process()
 
     best = BestMetric(MONITOR, mode="max")  # always: it is the value a sweep optimizes
-    callbacks = [*build_callbacks(cfg), best, ResumedCheckpoints()]
+    callbacks = [*build_callbacks(cfg), best, *resume_callbacks()]
     last_ckpt = last_checkpoint_path(callbacks) if cfg.resume else None
     if is_launcher:
         check_run_dir(run_dir, cfg.resume, last_ckpt)
@@ -366,7 +366,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("the previous process in %s was killed (its lock was never released)", run_dir)
         clean_temporaries(run_dir)
         config_path = save_run_config(cfg, run_dir, cfg.resume)
-        write_json(run_dir / RESULT_FILE, {"status": RUNNING})
+        write_json(run_dir / RESULT_FILE, running_record())
         summary = model_summary(cfg)
         log.info("run directory %s (config: %s)", run_dir, config_path.name)
         log.info(describe_model(cfg.model.name, summary))

@@ -29,6 +29,7 @@ from kbnet.lit.losses import build_loss
 from kbnet.lit.resume import apply_optimizer_config
 from kbnet.lit.schedule import ProgressiveSchedule, lr_lambda
 from kbnet.metrics import psnr_torch, rgb_to_y_torch, ssim_torch
+from kbnet.rundir import checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +167,25 @@ class RestorationModule(L.LightningModule):
         """What happened and the way out that exists: a resume only when a checkpoint was saved."""
         lr = self.hparams.optimizer.get("lr")
         lower = f"module.optimizer.lr={lr / 10:g}" if isinstance(lr, int | float) else "a lower module.optimizer.lr"
+        if self.trainer.precision != "32-true":
+            lower += " or trainer.precision=32-true"
         head = (f"non-finite gradient norm ({norm.item()}) at step {self.global_step} (loss "
                 f"{None if self._last_loss is None else self._last_loss.item()}): training stopped before the "
                 "update of this step")
-        saved = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+        saved = {Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
                  for cb in self.trainer.checkpoint_callbacks
-                 if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath]
-        saved = [path for path in saved if path.is_file()]
+                 if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath}
+        saved = sorted((checkpoint_step(path), path) for path in saved if path.is_file())
+        if saved and saved[-1][0] < self.global_step:
+            step, path = saved[-1]
+            return (f"{head}. The last checkpoint, {path}, holds the weights of step {step}: resume from it with "
+                    f"resume=true {lower} (an optimizer setting given on resume applies from the resumed step)")
         if saved:
-            return (f"{head}; the last checkpoint {saved[0]} holds weights from before it. Resume with a lower "
-                    f"learning rate (resume=true {lower}) or trainer.precision=32-true; the new setting applies "
-                    "from the resumed step")
-        return (f"{head}; no checkpoint was saved before it, so there is nothing to resume: start a new run with "
-                f"a lower learning rate ({lower}) or trainer.precision=32-true")
+            return (f"{head}. The last checkpoint, {saved[-1][1]}, holds the weights of this very step, which "
+                    "produced it, so resuming it would stop here again: start a new run with "
+                    f"{lower}, or with init_weights= set to an earlier checkpoint of this run")
+        return (f"{head}. No checkpoint was saved before it, so there is nothing to resume: start a new run with "
+                f"{lower}")
 
     def on_train_start(self) -> None:
         """The configured optimizer settings win over those a resume restored (``kbnet.lit.resume``)."""

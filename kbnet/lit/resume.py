@@ -84,3 +84,25 @@ class ResumedCheckpoints(L.Callback):
                     log.warning("removing %s: saved after the checkpoint this run resumes from, so unknown to "
                                 "its top-%d state; the resumed run saves its own", path, callback.save_top_k)
                     path.unlink()
+
+
+class EpochBoundaryRestart(L.Callback):
+    """Starts the next epoch normally after a resume from a checkpoint saved after an epoch's last batch.
+
+    Lightning 2.6 counts that epoch as finished when it restores such a checkpoint, but keeps its "restarted
+    mid-epoch" stage for the next one, which then starts without ``on_train_epoch_start`` and without its
+    ``ready``/``started`` progress counts: the resumed run's loop state would differ from the uninterrupted run's,
+    and a second restart would misread it. Clearing the stage once the finished epoch is counted (Lightning resets
+    it itself after the first epoch otherwise) lets the next epoch start as in the run that never stopped.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop
+        if (loop.restarted_mid_epoch and loop.epoch_loop.restarted_on_train_batch_end
+                and loop.epoch_loop.batch_progress.is_last_batch):
+            loop.reset_restart_stage()
+
+
+def resume_callbacks() -> list[L.Callback]:
+    """The callbacks every training run needs so that a resume continues exactly (see the classes)."""
+    return [ResumedCheckpoints(), EpochBoundaryRestart()]
