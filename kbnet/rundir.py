@@ -63,7 +63,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_writer(path: str | Path, mode: str = "wb", newline: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on a clean exit it is fsynced and renamed over ``path``.
 
     On any error the temporary is removed and ``path`` keeps its previous content; an ``OSError`` becomes a
@@ -73,7 +73,7 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     tmp = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, mode) as file:
+        with open(tmp, mode, newline=newline) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())

@@ -128,6 +128,15 @@ def check_run_dir(run_dir: Path, resume: bool, last_ckpt: Path | None) -> None:
             "or choose another run_name; nothing in it is overwritten.")
 
 
+def unstarted_sweep_job(run_dir: Path) -> bool:
+    """A sweep continued with ``resume=true`` resumes the jobs it ran; the ones it never reached (no run in their
+    directory yet) start from the beginning."""
+    if current_sweep_job() is None or (run_dir / CONFIG_FILE).exists():
+        return False
+    log.warning("resume=true: sweep job in %s never started, so it starts now", run_dir)
+    return True
+
+
 def save_run_config(cfg: DictConfig, run_dir: Path, resume: bool) -> Path:
     """Save the resolved config (and the command-line overrides); a resume adds ``config.resume<N>.yaml``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -336,6 +345,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     best = BestMetric(MONITOR, mode="max")  # always: it is the value a sweep optimizes
     callbacks = [*build_callbacks(cfg), best, *resume_callbacks()]
+    if cfg.resume and unstarted_sweep_job(run_dir):
+        cfg.resume = False
     last_ckpt = last_checkpoint_path(callbacks) if cfg.resume else None
     if is_launcher:
         check_run_dir(run_dir, cfg.resume, last_ckpt)
@@ -390,9 +401,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = run_result(trainer, callbacks, best)
     if is_launcher:
-        write_json(run_dir / RESULT_FILE, {
-            "status": COMPLETED, "best_val_psnr": metrics.get(best.key), "global_step": trainer.global_step,
-            "best_checkpoint": metrics["best_checkpoint"], "last_checkpoint": metrics["last_checkpoint"],
-            "metrics": {k: v for k, v in metrics.items() if not k.endswith("_checkpoint")}})
-        lock.release()
+        try:
+            write_json(run_dir / RESULT_FILE, {
+                "status": COMPLETED, "best_val_psnr": metrics.get(best.key), "global_step": trainer.global_step,
+                "best_checkpoint": metrics["best_checkpoint"], "last_checkpoint": metrics["last_checkpoint"],
+                "metrics": {k: v for k, v in metrics.items() if not k.endswith("_checkpoint")}})
+        finally:
+            lock.release()
     return metrics

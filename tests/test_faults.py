@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from hydra.types import RunMode
 
 import kbnet.rundir
 from kbnet.errors import UserError
@@ -38,14 +40,15 @@ from kbnet.rundir import (
 )
 from kbnet.sweep import RESULT_FILE, ROW_FILE, read_rows
 from kbnet.training import train
-from tests.conftest import ROOT, compose_train, tiny_run_overrides
+from tests.conftest import ROOT, compose_train, hydra_job, tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 EXACT = ["trainer.max_steps=4", "callbacks.periodic_checkpoint.every_n_train_steps=1", "data.train_repeat=4",
          "logger=csv", "+logger.csv.flush_logs_every_n_steps=1"]
 """4 steps, 3 batches per epoch (an epoch boundary after step 3), validation at steps 2 and 4, last.ckpt after
-every step: 8 checkpoint saves (last@1, last@2, best@2, last@2, last@3, last@4, best@4, last@4)."""
+every step (after the validation on steps 2 and 4): checkpoint saves 1 last@1, 2 best@2, 3 last@2 (by the best's
+callback), 4 last@2 (periodic), 5 last@3, 6 best@4, 7 last@4, 8 last@4."""
 TIMING_METRICS = ("train/images_per_sec",)
 """Wall-clock measurements: the only logged values that differ between two runs of the same seed."""
 
@@ -142,19 +145,21 @@ def kill_and_resume(run_dir: Path, workers: int, kill: dict[str, str], expected_
 
 TRIALS = [
     pytest.param(0, {"KBNET_KILL_STEP": "3:on_before_optimizer_step"}, 3, id="workers0-mid-step-at-epoch-end"),
-    pytest.param(2, {"KBNET_KILL_SAVE": "4:before_rename"}, 2, id="workers2-between-best-and-last-save"),
+    pytest.param(2, {"KBNET_KILL_SAVE": "3:before_rename"}, 1, id="workers2-between-best-and-last-save"),
     pytest.param(0, {"KBNET_KILL_STEP": "1:on_train_batch_start"}, 1, marks=pytest.mark.slow, id="workers0-step1"),
-    pytest.param(0, {"KBNET_KILL_STEP": "2:on_validation_batch_end"}, 2, marks=pytest.mark.slow,
+    pytest.param(0, {"KBNET_KILL_STEP": "2:on_validation_batch_end"}, 1, marks=pytest.mark.slow,
                  id="workers0-in-validation"),
     pytest.param(0, {"KBNET_KILL_SAVE": "5:partial"}, 2, marks=pytest.mark.slow, id="workers0-half-written-save"),
     pytest.param(0, {"KBNET_KILL_SAVE": "7:before_rename"}, 3, marks=pytest.mark.slow, id="workers0-final-best"),
     pytest.param(2, {"KBNET_KILL_STEP": "1:on_before_optimizer_step"}, 1, marks=pytest.mark.slow,
                  id="workers2-step1"),
-    pytest.param(2, {"KBNET_KILL_STEP": "2:on_validation_batch_end"}, 2, marks=pytest.mark.slow,
+    pytest.param(2, {"KBNET_KILL_STEP": "2:on_validation_batch_end"}, 1, marks=pytest.mark.slow,
                  id="workers2-in-validation"),
     pytest.param(2, {"KBNET_KILL_STEP": "3:on_train_batch_start"}, 3, marks=pytest.mark.slow,
                  id="workers2-next-epoch-start"),
-    pytest.param(2, {"KBNET_KILL_SAVE": "2:partial"}, 1, marks=pytest.mark.slow, id="workers2-half-written-save"),
+    pytest.param(2, {"KBNET_KILL_SAVE": "2:partial"}, 1, marks=pytest.mark.slow, id="workers2-half-written-best"),
+    pytest.param(2, {"KBNET_KILL_SAVE": "4:before_rename"}, 2, marks=pytest.mark.slow,
+                 id="workers2-between-two-last-saves"),
 ]
 
 
@@ -189,7 +194,7 @@ def test_a_kill_inside_a_save_on_another_file_system_keeps_the_last_checkpoint(r
     temp_dir.mkdir()
     with tmpfs(tmp_path / "outputs", "64m") as outputs:
         run_dir = outputs / "run"
-        killed = drive(exact_overrides(run_dir, 2), KBNET_KILL_SAVE="2:partial", TMPDIR=str(temp_dir))
+        killed = drive(exact_overrides(run_dir, 2), KBNET_KILL_SAVE="3:partial", TMPDIR=str(temp_dir))
         assert killed.returncode == -9, killed.stderr[-3000:]
         assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 1  # the previous save, whole
         partial = list((run_dir / "checkpoints").glob(f".last.ckpt{TEMP_MARKER}*"))
@@ -265,8 +270,9 @@ def test_failed_write_does_not_hide_the_error_that_ended_the_run(tmp_path: Path,
         train(compose_train(*tiny_run_overrides(run_dir), "trainer.limit_train_batches=0"))
 
 
-def test_resuming_a_completed_run_keeps_its_result_and_continues_only_a_raised_max_steps(tmp_path: Path) -> None:
-    """Case 3."""
+def test_resuming_a_completed_run_keeps_its_result_and_continues_only_a_raised_max_steps(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Case 3, and the settings given with the resume that continues it apply and are recorded."""
     run_dir = tmp_path / "run"
     first = train(compose_train(*tiny_run_overrides(run_dir)))
     result = (run_dir / RESULT_FILE).read_text()
@@ -275,12 +281,23 @@ def test_resuming_a_completed_run_keeps_its_result_and_continues_only_a_raised_m
     assert (run_dir / RESULT_FILE).read_text() == result
     assert not (run_dir / "config.resume1.yaml").exists()
 
-    more = train(compose_train(*tiny_run_overrides(run_dir), "resume=true", "trainer.max_steps=3"))
-    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
+    changes = ["trainer.max_steps=3", "module.optimizer.weight_decay=0.01", "module.optimizer.betas=[0.8,0.99]",
+               "global_batch_size=16", "data.train_repeat=4", "trainer.precision=bf16-mixed"]
+    with caplog.at_level(logging.WARNING):
+        more = train(compose_train(*tiny_run_overrides(run_dir), "resume=true", *changes))
+    assert "completed 2 steps; trainer.max_steps=3 continues it" in caplog.text
+    assert "the training loader differs from the checkpoint's" in caplog.text  # other batches: a new epoch
+    assert "module.optimizer.weight_decay is 0.01 from step 2 on (the checkpoint had 0.0001)" in caplog.text
+    final = load(run_dir / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 3
+    group = final["optimizer_states"][0]["param_groups"][0]
+    assert group["weight_decay"] == 0.01 and group["betas"] == (0.8, 0.99)
     recorded = json.loads((run_dir / RESULT_FILE).read_text())
     assert recorded["status"] == "completed" and recorded["global_step"] == 3
     assert recorded["best_val_psnr"] == more["val/psnr_best"] >= first["val/psnr_best"]
-    assert "max_steps: 3" in (run_dir / "config.resume1.yaml").read_text()
+    saved = (run_dir / "config.resume1.yaml").read_text()
+    for line in ("max_steps: 3", "weight_decay: 0.01", "global_batch_size: 16", "precision: bf16-mixed"):
+        assert line in saved
 
 
 def test_nan_advice_works_end_to_end_and_claims_only_what_exists(tmp_path: Path) -> None:
@@ -333,3 +350,17 @@ def test_the_lock_tells_a_killed_run_from_a_running_one_and_the_summary_lists_bo
     assert RunLock(sweep / "0").acquire() is True  # the dead process's lock is replaced
     with pytest.raises(RunDirectoryInUse, match=rf"in use by process {os.getpid()}"):
         RunLock(sweep / "1").acquire()
+
+
+def test_a_sweep_continued_with_resume_starts_the_jobs_it_never_reached(tmp_path: Path) -> None:
+    """The README's way to continue an interrupted sweep: finished jobs keep their result (case 3), killed ones
+    resume, and a job that never started has nothing to resume and starts."""
+    run_dir = tmp_path / "7"
+    with hydra_job(RunMode.MULTIRUN, run_dir, *tiny_run_overrides(run_dir)[1:], "resume=true", job_num=7) as cfg:
+        metrics = train(cfg)
+    assert metrics["val/psnr_best"] > 0
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert not (run_dir / "config.resume1.yaml").exists()
+    assert json.loads((run_dir / RESULT_FILE).read_text())["status"] == "completed"
+    with pytest.raises(FileNotFoundError, match="has no checkpoint to continue"):  # outside a sweep: an error
+        train(compose_train(*tiny_run_overrides(tmp_path / "single"), "resume=true"))

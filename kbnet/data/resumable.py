@@ -12,12 +12,18 @@ per process that fetches samples (each loader worker, or the training process wi
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+log = logging.getLogger(__name__)
+
+LAYOUT_KEY = "kbnet_layout"
+"""Batch size and training-set length, saved beside the loader's state to tell whether it still applies."""
 
 
 class AugmentationStream:
@@ -53,15 +59,30 @@ class AugmentationStream:
 
 
 class ResumableLoader(StatefulDataLoader):
-    """A ``StatefulDataLoader`` that resumes a state saved after the last batch of an epoch at the next epoch.
+    """A ``StatefulDataLoader`` that resumes a state saved after the last batch of an epoch at the next epoch, and
+    starts a new epoch when the batch size or the training set changed since the state was saved.
 
     Lightning saves a checkpoint after a step and, resuming from one taken after an epoch's last batch, counts
     that epoch as done; a ``StatefulDataLoader`` would still resume *inside* it and yield an empty epoch first,
     which shifts every later epoch number. Here the loaded epoch is run to its end at once (it has no batch
     left), so the next ``iter`` starts the next epoch, with the sampler's generator where the epoch left it.
+    A position in an epoch of other batches (a resume with another ``global_batch_size`` or other data) means
+    nothing, so such a state is not loaded.
     """
 
+    def _layout(self) -> dict[str, int]:
+        return {"batch_size": int(self.batch_size or 1), "samples": len(self.dataset)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), LAYOUT_KEY: self._layout()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(LAYOUT_KEY, None)
+        if saved != self._layout():
+            log.warning("the training loader differs from the checkpoint's (%s, now %s): it starts a new epoch "
+                        "instead of resuming the saved position", saved, self._layout())
+            return
         super().load_state_dict(state_dict)
         main = state_dict.get("_snapshot", {}).get("_main_snapshot", state_dict)
         if main.get("_sampler_iter_yielded", 0) >= len(self):
