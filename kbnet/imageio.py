@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from kbnet.errors import ConfigError, DataError, ExistingFileError, MissingFileError
+from kbnet.rundir import atomic_writer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -134,7 +135,9 @@ def write_image(path: str | Path, image: Image | np.ndarray, bit_depth: int | No
     if image.alpha is not None and suffix not in (".jpg", ".jpeg"):
         px = np.concatenate([px, image.alpha], axis=2)
     out = to_integer(px, depth)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), out if out.shape[2] != 1 else out[:, :, 0]):
-        raise OSError(f"could not write image {path}")
+    encoded, data = cv2.imencode(suffix, out if out.shape[2] != 1 else out[:, :, 0])
+    if not encoded:
+        raise ValueError(f"could not encode image {path} as {suffix}")
+    with atomic_writer(path) as file:  # a killed or failed write never leaves a truncated image
+        file.write(data.tobytes())
     return path

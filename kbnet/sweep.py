@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
-import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +28,21 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kbnet.errors import ConfigError
+from kbnet.rundir import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    KILLED,
+    RESULT_FILE,
+    RUNNING,
+    read_json,
+    run_status,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-"""Written by ``kbnet.training.train`` in the run directory: best ``val/psnr``, checkpoints, steps."""
 ROW_FILE = "sweep_job.json"
 SUMMARY_FILE = "sweep_summary.csv"
 SUMMARY_COLUMNS = ("job", "status", "best_val_psnr", "best_checkpoint", "overrides", "run_dir", "error")
@@ -122,29 +129,25 @@ def current_sweep_job() -> SweepJob | None:
     return SweepJob(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), tuple(hydra_cfg.overrides.task))
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write atomically (a temporary file renamed over the target): readers never see half a file."""
-    _replace_atomically(path, json.dumps(data, indent=2) + "\n")
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+def running_record() -> dict[str, Any]:
+    """``result.json`` while a run trains: in a sweep with its job number and overrides, so the summary can list
+    a job whose process was killed before it could write its row."""
+    job = current_sweep_job()
+    return {"status": RUNNING, **({} if job is None else {"job": job.num, "overrides": list(job.overrides)})}
 
 
 def job_row(job_num: int, overrides: list[str], run_dir: Path, failure: BaseException | None) -> dict[str, Any]:
     """One summary row: what the job was asked (overrides) and what it reached (from its ``result.json``)."""
-    result_path = run_dir / RESULT_FILE
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    result = read_json(run_dir / RESULT_FILE)
     error = ""
+    status = COMPLETED
     if failure is not None:
         first_line = next(iter(str(failure).strip().splitlines()), "")
         error = f"{type(failure).__name__}: {first_line}"
+        status = INTERRUPTED if result.get("status") == INTERRUPTED else FAILED
     return {
         "job": job_num,
-        "status": "failed" if failure is not None else "completed",
+        "status": status,
         "best_val_psnr": result.get("best_val_psnr"),
         "best_checkpoint": result.get("best_checkpoint"),
         "overrides": " ".join(overrides),
@@ -154,9 +157,26 @@ def job_row(job_num: int, overrides: list[str], run_dir: Path, failure: BaseExce
 
 
 def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The job rows saved under ``sweep_dir``, sorted by job number."""
-    rows = [json.loads(path.read_text()) for path in sweep_dir.rglob(ROW_FILE)]
-    return sorted(rows, key=lambda row: row["job"])
+    """The job rows under ``sweep_dir``, sorted by job number.
+
+    A job whose run is going on or was killed (``kbnet.rundir.run_status``: ``running`` or ``killed``) is listed
+    with that status, also when no row was written yet or the row is from an earlier attempt.
+    """
+    rows = {}
+    for path in sweep_dir.rglob(RESULT_FILE):
+        result = read_json(path)
+        if "job" in result:
+            rows[path.parent] = {"job": result["job"], "status": run_status(path.parent),
+                                 "best_val_psnr": result.get("best_val_psnr"),
+                                 "best_checkpoint": result.get("best_checkpoint"),
+                                 "overrides": " ".join(result.get("overrides", [])), "run_dir": str(path.parent),
+                                 "error": result.get("error", "")}
+    for path in sweep_dir.rglob(ROW_FILE):
+        row = read_json(path)
+        if rows.get(path.parent, {}).get("status") in (RUNNING, KILLED):
+            row["status"] = rows[path.parent]["status"]
+        rows[path.parent] = row
+    return sorted(rows.values(), key=lambda row: row["job"])
 
 
 def write_summary(sweep_dir: Path) -> Path:
@@ -167,7 +187,7 @@ def write_summary(sweep_dir: Path) -> Path:
     for row in read_rows(sweep_dir):
         writer.writerow({key: "" if row.get(key) is None else row[key] for key in SUMMARY_COLUMNS})
     path = sweep_dir / SUMMARY_FILE
-    _replace_atomically(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
     return path
 
 

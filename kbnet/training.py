@@ -37,15 +37,27 @@ from kbnet.config_check import check_train_config
 from kbnet.errors import ConfigError, ExistingFileError, MissingFileError
 from kbnet.lit.base import RestorationModule
 from kbnet.lit.callbacks import BestMetric
+from kbnet.lit.checkpoint_io import AtomicCheckpointIO
+from kbnet.lit.resume import resume_callbacks
 from kbnet.lit.schedule import ProgressiveSchedule
 from kbnet.models import load_weights
 from kbnet.models.summary import count_macs, count_parameters
+from kbnet.rundir import (
+    COMPLETED,
+    RunLock,
+    clean_temporaries,
+    completed_result,
+    failure_status,
+    record_outcome,
+)
+from kbnet.rundir import write_text as write_text_atomically
 from kbnet.sweep import (
     RESULT_FILE,
     check_sweep_launch,
     current_sweep_job,
     external_launcher,
     is_launch_process,
+    running_record,
     write_json,
 )
 
@@ -118,6 +130,15 @@ def check_run_dir(run_dir: Path, resume: bool, last_ckpt: Path | None) -> None:
             "or choose another run_name; nothing in it is overwritten.")
 
 
+def unstarted_sweep_job(run_dir: Path) -> bool:
+    """A sweep continued with ``resume=true`` resumes the jobs it ran; the ones it never reached (no run in their
+    directory yet) start from the beginning."""
+    if current_sweep_job() is None or (run_dir / CONFIG_FILE).exists():
+        return False
+    log.warning("resume=true: sweep job in %s never started, so it starts now", run_dir)
+    return True
+
+
 def save_run_config(cfg: DictConfig, run_dir: Path, resume: bool) -> Path:
     """Save the resolved config (and the command-line overrides); a resume adds ``config.resume<N>.yaml``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,10 +153,10 @@ def save_run_config(cfg: DictConfig, run_dir: Path, resume: bool) -> Path:
             changed = [k for k in changed if k != "resume"]
             if changed:
                 log.warning("resuming with a config that differs from %s in: %s", CONFIG_FILE, ", ".join(changed))
-    OmegaConf.save(cfg, path)
+    write_text_atomically(path, OmegaConf.to_yaml(cfg))
     if HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
-        (path.with_name(path.stem + ".overrides.txt")).write_text("\n".join(overrides) + "\n")
+        write_text_atomically(path.with_name(path.stem + ".overrides.txt"), "\n".join(overrides) + "\n")
     return path
 
 
@@ -152,8 +173,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    write_text_atomically(path, run_id + "\n")
     return run_id
 
 
@@ -303,10 +323,12 @@ def _finish_wandb(loggers: list[Logger], succeeded: bool) -> None:
             wandb.finish(exit_code=0 if succeeded else 1)
 
 
-def run_result(trainer: L.Trainer, callbacks: list[L.Callback]) -> dict[str, Any]:
+def run_result(trainer: L.Trainer, callbacks: list[L.Callback], best: BestMetric) -> dict[str, Any]:
     """What a run reached: its final metrics, best ``val/psnr`` and checkpoints (also after ``ddp_spawn``,
     whose workers hand back the callback metrics and the best checkpoint path but not the callbacks' state)."""
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if best.key not in metrics and best.best is not None:  # a resumed run that did not validate again
+        metrics[best.key] = best.best
     monitored = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == MONITOR]
     metrics["best_checkpoint"] = (monitored[0].best_model_path or None) if monitored else None
     saves_last = any(isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath for c in callbacks)
@@ -325,16 +347,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     is_launcher = is_launch_process()
 
     best = BestMetric(MONITOR, mode="max")  # always: it is the value a sweep optimizes
-    callbacks = [*build_callbacks(cfg), best]
+    callbacks = [*build_callbacks(cfg), best, *resume_callbacks()]
+    if cfg.resume and unstarted_sweep_job(run_dir):
+        cfg.resume = False
     last_ckpt = last_checkpoint_path(callbacks) if cfg.resume else None
     if is_launcher:
         check_run_dir(run_dir, cfg.resume, last_ckpt)
+    if cfg.resume and (done := completed_result(run_dir, last_ckpt, cfg.trainer.max_steps)) is not None:
+        return {**done.get("metrics", {}), "best_checkpoint": done.get("best_checkpoint"),
+                "last_checkpoint": done.get("last_checkpoint")}
 
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     L.seed_everything(cfg.seed, workers=True)
     loggers = build_loggers(cfg, run_dir, is_launcher)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
     check_launch(trainer)
     batch_size = per_device_batch(cfg.global_batch_size, trainer)
     check_progressive(cfg, trainer.max_steps, batch_size)
@@ -346,9 +374,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         load_weights(net, cfg.init_weights)
     module = build_module(cfg, net)
 
+    lock = RunLock(run_dir)
     if is_launcher:
+        if lock.acquire():
+            log.warning("the previous process in %s was killed (its lock was never released)", run_dir)
+        clean_temporaries(run_dir)
         config_path = save_run_config(cfg, run_dir, cfg.resume)
-        write_json(run_dir / RESULT_FILE, {"status": "running"})
+        write_json(run_dir / RESULT_FILE, running_record())
         summary = model_summary(cfg)
         log.info("run directory %s (config: %s)", run_dir, config_path.name)
         log.info(describe_model(cfg.model.name, summary))
@@ -363,15 +395,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         succeeded = True
     except BaseException as error:
         if is_launcher:
-            write_json(run_dir / RESULT_FILE, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+            record_outcome(run_dir, {"status": failure_status(error), "error": f"{type(error).__name__}: {error}",
+                                     "global_step": trainer.global_step})
+            lock.release()
         raise
     finally:
         _finish_wandb(loggers, succeeded)
 
-    metrics = run_result(trainer, callbacks)
+    metrics = run_result(trainer, callbacks, best)
     if is_launcher:
-        write_json(run_dir / RESULT_FILE, {
-            "status": "completed", "best_val_psnr": metrics.get(best.key),
-            "best_checkpoint": metrics["best_checkpoint"], "last_checkpoint": metrics["last_checkpoint"],
-            "metrics": {k: v for k, v in metrics.items() if not k.endswith("_checkpoint")}})
+        try:
+            write_json(run_dir / RESULT_FILE, {
+                "status": COMPLETED, "best_val_psnr": metrics.get(best.key), "global_step": trainer.global_step,
+                "best_checkpoint": metrics["best_checkpoint"], "last_checkpoint": metrics["last_checkpoint"],
+                "metrics": {k: v for k, v in metrics.items() if not k.endswith("_checkpoint")}})
+        finally:
+            lock.release()
     return metrics

@@ -144,7 +144,7 @@ def test_a_failing_run_finishes_its_wandb_run_with_a_failure_exit_code(tmp_path:
     (run,) = offline_runs(run_dir / "wandb")
     assert run.exit_code == 1
     result = json.loads((run_dir / RESULT_FILE).read_text())
-    assert result == {"status": "failed", "error": "RuntimeError: simulated crash at step 1"}
+    assert result == {"status": "failed", "error": "RuntimeError: simulated crash at step 1", "global_step": 1}
     import wandb
 
     assert wandb.run is None  # the next run of a sweep starts a new wandb run

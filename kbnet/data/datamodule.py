@@ -25,6 +25,7 @@ from kbnet.data.datasets import (
     SIDDBlocksDataset,
     mean_input_psnr,
 )
+from kbnet.data.resumable import ResumableLoader, resumable_train_loader
 from kbnet.data.verify import VERIFY_MODES, verify_datasets
 from kbnet.errors import ConfigError
 
@@ -95,8 +96,9 @@ class LoaderDataModule(LightningDataModule):
     known from the configuration, before any data is read, so a LightningModule can name its metrics early.
     Subclasses fill ``train_dataset``, ``val_datasets`` and
     ``test_datasets`` (name -> dataset) in ``setup``. Worker seeding is left to Lightning: with
-    ``seed_everything(seed, workers=True)`` every worker of every rank gets its own reproducible seed, and the
-    augmentations draw from it.
+    ``seed_everything(seed, workers=True)`` every worker of every rank gets its own reproducible seed, which seeds
+    the augmentations' stream. The training loader is a ``StatefulDataLoader`` (``kbnet.data.resumable``), so a
+    resumed run continues the same data order and augmentations.
     """
 
     def __init__(self, batch_size: int | None, num_workers: int, pin_memory: bool, val_set_names: list[str],
@@ -115,18 +117,12 @@ class LoaderDataModule(LightningDataModule):
         self.val_datasets: dict[str, Dataset] = {}
         self.test_datasets: dict[str, Dataset] = {}
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else 1,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        """Whole images one at a time, in order (validation and test)."""
+        return DataLoader(dataset, batch_size=1, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup('fit') must run before train_dataloader()")
         if self.batch_size is None:
@@ -135,12 +131,12 @@ class LoaderDataModule(LightningDataModule):
         if len(self.train_dataset) < self.batch_size:
             raise ConfigError(f"the training set has {len(self.train_dataset)} samples per epoch, fewer than "
                               f"batch_size={self.batch_size}; raise train_repeat in the data config")
-        return self._loader(self.train_dataset, train=True)
+        return resumable_train_loader(self.train_dataset, self.batch_size, self.num_workers, self.pin_memory)
 
     def _loaders(self, datasets: dict[str, Dataset], names: list[str], stage: str) -> list[DataLoader]:
         if set(datasets) != set(names):
             raise RuntimeError(f"{type(self).__name__}.setup('{stage}') must run before its dataloaders")
-        return [self._loader(datasets[name], train=False) for name in names]
+        return [self._loader(datasets[name]) for name in names]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._loaders(self.val_datasets, self.val_set_names, "validate")

@@ -12,6 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kbnet.data.degradations import add_gaussian_noise, validation_sigma
+from kbnet.data.resumable import AugmentationStream
 from kbnet.data.transforms import PairedTransform
 from kbnet.errors import ConfigError, DataError, UserError
 from kbnet.imageio import IMAGE_SUFFIXES, convert_channels, read_image
@@ -81,7 +83,9 @@ class RestorationDataset(Dataset, ABC):
     """Base class: subclasses load one full (input, target, name) triple; this class crops and augments.
 
     ``repeat`` lists every image that many times per epoch (BasicSR's ``dataset_enlarge_ratio``), so that
-    small training sets still fill an epoch of batches.
+    small training sets still fill an epoch of batches. The augmentations draw from the dataset's own
+    ``AugmentationStream``, whose state (``state_dict``) a resumable loader saves, so a resumed run crops and
+    flips exactly as the run that never stopped.
     """
 
     def __init__(self, channels: int = 3, patch_size: int | None = None, geometric_augs: bool = True,
@@ -93,6 +97,7 @@ class RestorationDataset(Dataset, ABC):
         self.channels = channels
         self.repeat = repeat
         self.transform = PairedTransform(patch_size, geometric_augs) if patch_size is not None else None
+        self.augmentation_stream = AugmentationStream()
 
     @property
     @abstractmethod
@@ -111,8 +116,14 @@ class RestorationDataset(Dataset, ABC):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         inp, target, name = self.load(index % self.num_images)
         if self.transform is not None:
-            inp, target = self.transform(inp, target)
+            inp, target = self.transform(inp, target, self.augmentation_stream.generator())
         return {"input": to_chw(inp), "target": to_chw(target), "name": name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"augmentations": self.augmentation_stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.augmentation_stream.load_state_dict(state["augmentations"])
 
 
 class PairedImageDataset(RestorationDataset):

@@ -33,11 +33,13 @@ class PairedTransform:
             steps.append(A.D4(p=1.0))
         self.compose = A.Compose(steps, additional_targets={"target": "image"})
 
-    def __call__(self, inp: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, inp: np.ndarray, target: np.ndarray,
+                 generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One random draw; ``generator`` (default: torch's global one) supplies the seed of that draw."""
         if inp.shape != target.shape:
             raise ValueError(f"input and target shapes differ: {inp.shape} vs {target.shape}")
         # albumentations keeps its own random state, which forked DataLoader workers would all share;
         # drawing its seed from torch ties it to the per-worker, per-rank seeds that Lightning sets.
-        self.compose.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        self.compose.set_random_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator).item()))
         out = self.compose(image=inp, target=target)
         return out["image"], out["target"]

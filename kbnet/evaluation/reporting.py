@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 from kbnet.metrics import MetricTable
 from kbnet.metrics.aggregate import check_can_write, report_paths
+from kbnet.rundir import atomic_writer, write_text
 
 
 def summary_rows(tables: Mapping[str, MetricTable]) -> list[dict[str, Any]]:
@@ -39,13 +40,13 @@ def write_summary(prefix: Path, rows: Sequence[Mapping[str, Any]], meta: Mapping
     check_can_write(paths, overwrite)
     columns = ["set", "images", *dict.fromkeys(k for row in rows for k in row if k not in ("set", "images"))]
     csv_path, json_path, md_path = paths
-    with open(csv_path, "w", newline="") as f:
+    with atomic_writer(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows([[row.get(c, "") for c in columns] for row in rows])
     json_rows = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()} for row in rows]
-    json_path.write_text(json.dumps({**meta, "sets": json_rows}, indent=2, allow_nan=False) + "\n")
-    md_path.write_text(summary_markdown(rows, columns, f"{meta.get('task', '')} evaluation: {meta.get('model', '')}"))
+    write_text(json_path, json.dumps({**meta, "sets": json_rows}, indent=2, allow_nan=False) + "\n")
+    write_text(md_path, summary_markdown(rows, columns, f"{meta.get('task', '')} evaluation: {meta.get('model', '')}"))
     return paths
 
 

@@ -34,6 +34,7 @@ from kbnet.inference import (
 from kbnet.inference.loading import net_config_of, read_checkpoint, task_of
 from kbnet.metrics import MetricTable
 from kbnet.models import WeightLoadError
+from kbnet.rundir import write_text
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     names = select_sets(list(loaders), cfg.get("sets"))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / CONFIG_FILE)
+    write_text(out_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
     log.info("evaluating %s on %s with the %s protocol; results in %s", loaded.source, ", ".join(names),
              protocol.name, out_dir)
     tables: dict[str, MetricTable] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -25,8 +27,10 @@ from kbnet.errors import ConfigError, UserError
 from kbnet.lit.augment import progressive_crop, step_rng
 from kbnet.lit.ema import EMA
 from kbnet.lit.losses import build_loss
+from kbnet.lit.resume import apply_optimizer_config
 from kbnet.lit.schedule import ProgressiveSchedule, lr_lambda
 from kbnet.metrics import ImageMean, psnr_torch, ssim_torch, to_y_uint8_levels
+from kbnet.rundir import checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +161,41 @@ class RestorationModule(L.LightningModule):
             if gradient_clip_val:
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if not torch.isfinite(norm):
-            raise NonFiniteGradientError(
-                f"non-finite gradient norm ({norm.item()}) at step {self.global_step} (loss "
-                f"{None if self._last_loss is None else self._last_loss.item()}): training stopped before "
-                "the update, so the weights and the last checkpoint are intact. Resume from the last checkpoint "
-                "with a lower learning rate or trainer.precision=32-true.")
+            raise NonFiniteGradientError(self._non_finite_message(norm))
         self.log("train/grad_norm", norm)
+
+    def _non_finite_message(self, norm: torch.Tensor) -> str:
+        """What happened and the way out that exists: a resume only when a checkpoint was saved."""
+        lr = self.hparams.optimizer.get("lr")
+        lower = f"module.optimizer.lr={lr / 10:g}" if isinstance(lr, int | float) else "a lower module.optimizer.lr"
+        if self.trainer.precision != "32-true":
+            lower += " or trainer.precision=32-true"
+        head = (f"non-finite gradient norm ({norm.item()}) at step {self.global_step} (loss "
+                f"{None if self._last_loss is None else self._last_loss.item()}): training stopped before the "
+                "update of this step")
+        saved = {Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                 for cb in self.trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath}
+        saved = sorted((checkpoint_step(path), path) for path in saved if path.is_file())
+        if saved and saved[-1][0] < self.global_step:
+            step, path = saved[-1]
+            return (f"{head}. The last checkpoint, {path}, holds the weights of step {step}: resume from it with "
+                    f"resume=true {lower} (an optimizer setting given on resume applies from the resumed step)")
+        if saved:
+            return (f"{head}. The last checkpoint, {saved[-1][1]}, holds the weights of this very step, which "
+                    "produced it, so resuming it would stop here again: start a new run with "
+                    f"{lower}, or with init_weights= set to an earlier checkpoint of this run")
+        return (f"{head}. No checkpoint was saved before it, so there is nothing to resume: start a new run with "
+                f"{lower}")
+
+    def on_train_start(self) -> None:
+        """The configured optimizer settings win over those a resume restored (``kbnet.lit.resume``)."""
+        configs = self.trainer.lr_scheduler_configs
+        changes = apply_optimizer_config(self.trainer.optimizers[0], configs[0].scheduler if configs else None,
+                                         self.hparams.optimizer)
+        for name, (old, new) in changes.items():
+            log.warning("module.optimizer.%s is %s from step %d on (the checkpoint had %s)", name, new,
+                        self.global_step, old)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

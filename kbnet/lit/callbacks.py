@@ -91,11 +91,31 @@ class LastCheckpoint(ModelCheckpoint):
     Lightning saves ``last`` at the end only if it never saved it before, so a run whose ``max_steps`` is not a
     multiple of the interval would otherwise lose its final steps. Nothing is saved after an exception (e.g. a
     NaN stop): the file keeps the last good state.
+
+    On a step that a validation follows, the save waits for the end of that validation: Lightning, resuming from a
+    checkpoint saved between the step and its validation, counts that validation as done without running it, so
+    its metrics and best checkpoint would be missing from the resumed run.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int) -> None:
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
                          enable_version_counter=False)
+        self._after_validation = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._after_validation = not self._should_skip_saving_checkpoint(trainer) and (
+                trainer.global_step % self._every_n_train_steps == 0)
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation and not trainer.sanity_checking:
+            self._after_validation = False
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kbnet.errors import ExistingFileError
+from kbnet.rundir import atomic_writer, write_text
 
 REPORT_SUFFIXES = (".csv", ".json", ".md")
 
@@ -104,7 +105,7 @@ class MetricTable:
 
     def write_csv(self, path: Path) -> None:
         """Full-precision values (``repr``), one row per image and a last row holding the means."""
-        with open(path, "w", newline="") as f:
+        with atomic_writer(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([*self.labels, *self.metrics])
             for r in [*self.rows, self._mean_row()]:
@@ -118,8 +119,8 @@ class MetricTable:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         csv_path, json_path, md_path = paths
         self.write_csv(csv_path)
-        json_path.write_text(self.to_json())
-        md_path.write_text(self.to_markdown())
+        write_text(json_path, self.to_json())
+        write_text(md_path, self.to_markdown())
         return paths
 
 

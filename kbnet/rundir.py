@@ -1,0 +1,239 @@
+"""Files of a run directory that survive any fault: atomic writes, the run lock and the run's status.
+
+* Every file a run writes (checkpoints, ``result.json``, ``config*.yaml``) goes to a temporary file in the
+  target's own directory, is flushed and fsynced, and is renamed over the target. A rename within one file system
+  is atomic, so a kill, a full disk or a crash leaves the previous file intact and never a truncated file under a
+  real name (a temporary in ``$TMPDIR`` would have to be *copied* when ``$TMPDIR`` is another file system, and a
+  kill during that copy truncates the target).
+* A failed write raises ``DiskWriteError`` naming the path and the free space left; the half-written temporary is
+  removed. Temporaries of a killed process cannot be removed by it: the next start of the run cleans them.
+* ``run.lock`` holds the process id and host of the run that owns the directory. The next start tells a run that
+  was killed (lock of a dead process, ``result.json`` still ``running``) from one that is still going.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from kbnet.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEMP_MARKER = ".kbnet-tmp-"
+"""Temporary files are named ``.<target name>.kbnet-tmp-<random>``, so leftovers are recognised by name."""
+LOCK_FILE = "run.lock"
+RESULT_FILE = "result.json"
+RUNNING, COMPLETED, FAILED, INTERRUPTED, KILLED = "running", "completed", "failed", "interrupted", "killed"
+
+
+class DiskWriteError(UserError, OSError):
+    """A file of the run could not be written (full disk, quota, permissions, a failing device)."""
+
+
+class RunDirectoryInUse(UserError):
+    """Another live process owns the run directory."""
+
+
+def free_space(path: Path) -> str:
+    """Free space of the file system holding ``path`` (or its nearest existing parent), for error messages."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            free = shutil.disk_usage(candidate).free
+            return f"{free / 2**20:.1f} MiB free" if free >= 2**20 else f"{free} bytes free"
+    return "free space unknown"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (a crash of the machine right after it keeps the new name)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb", newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on a clean exit it is fsynced and renamed over ``path``.
+
+    On any error the temporary is removed and ``path`` keeps its previous content; an ``OSError`` becomes a
+    ``DiskWriteError`` that names the path and the free space.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, mode, newline=newline) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = _os_error(error)
+        if cause is not None and not isinstance(error, DiskWriteError):
+            reason = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
+            raise DiskWriteError(
+                f"could not write {path}: {reason} ({cause.strerror or cause}; {free_space(path.parent)} on its "
+                "file system); the previous version of the file, if any, is intact. Free some space (or write "
+                "elsewhere with paths.log_dir=...) and resume with resume=true") from error
+        raise
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error``: itself, or one it was raised from or during (``torch.save``'s zip writer
+    turns a failed write into a ``RuntimeError`` raised while handling the ``OSError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically (see ``atomic_writer``)."""
+    with atomic_writer(path, "w") as file:
+        file.write(text)
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Replace ``path`` by ``data`` as indented JSON, atomically: readers never see half a file."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when the file does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def clean_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporaries that killed writes left anywhere under ``directory``; returns what was removed."""
+    removed = sorted(p for p in directory.rglob(f".*{TEMP_MARKER}*") if p.is_file())
+    for path in removed:
+        log.warning("removing %s (%d bytes): the temporary of a write that was killed before it completed",
+                    path, path.stat().st_size)
+        path.unlink()
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def lock_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The ``run.lock`` content (``pid``, ``host``) when a live process on this host holds it, else ``None``.
+
+    A lock from another host is taken as alive: its process cannot be checked from here.
+    """
+    lock = read_json(run_dir / LOCK_FILE)
+    if not lock:
+        return None
+    if lock.get("host") != socket.gethostname():
+        return lock
+    return lock if _process_alive(int(lock["pid"])) else None
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The run's status as ``result.json`` says, with ``running`` turned into ``killed`` when the process that
+    wrote it is gone (its lock is stale or missing); ``None`` when the run never wrote a result."""
+    status = read_json(run_dir / RESULT_FILE).get("status")
+    if status == RUNNING and lock_holder(run_dir) is None:
+        return KILLED
+    return status
+
+
+class RunLock:
+    """``run.lock`` in a run directory: taken by the process that trains there, released when it ends.
+
+    ``acquire`` refuses a directory whose lock a live process holds, and reports whether the previous owner died
+    without releasing it (a kill -9, an out-of-memory kill, a lost node).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> bool:
+        """Take the lock; returns ``True`` when a stale lock of a dead process was found (and replaced)."""
+        holder = lock_holder(self.path.parent)
+        if holder is not None:
+            raise RunDirectoryInUse(
+                f"run directory {self.path.parent} is in use by process {holder['pid']} on {holder['host']} "
+                f"({self.path}); wait for it to end, stop it, or choose another run_name. If that process is "
+                "gone (e.g. its node was lost), delete the lock file")
+        stale = self.path.is_file()
+        write_json(self.path, {"pid": os.getpid(), "host": socket.gethostname()})
+        self.held = True
+        return stale
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+
+def record_outcome(run_dir: Path, result: Mapping[str, Any]) -> None:
+    """Write ``result.json`` after a failure without letting a failing write (often the same full disk) hide the
+    error that ended the run: that write's own error is logged and swallowed."""
+    try:
+        write_json(run_dir / RESULT_FILE, result)
+    except OSError as error:
+        log.error("could not record the run's outcome (%s) in %s: %s", result.get("status"), run_dir / RESULT_FILE,
+                  error)
+
+
+def failure_status(error: BaseException) -> str:
+    """``interrupted`` for Ctrl-C and a scheduler's SIGTERM, ``failed`` for everything else.
+
+    Lightning turns a Ctrl-C during ``fit`` into ``SystemExit(1)`` after its graceful shutdown, and a SIGTERM into
+    ``SIGTERMException``, a ``SystemExit`` too.
+    """
+    return INTERRUPTED if isinstance(error, KeyboardInterrupt | SystemExit) else FAILED
+
+
+def checkpoint_step(path: Path) -> int:
+    """The ``global_step`` saved in a Lightning checkpoint (memory-mapped: the tensors are not read)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+def completed_result(run_dir: Path, last_ckpt: Path, max_steps: int) -> dict[str, Any] | None:
+    """The recorded result of a completed run that a resume with ``max_steps`` would not extend, else ``None``.
+
+    Resuming a completed run (how an interrupted sweep is continued) keeps its ``result.json``; only a raised
+    ``trainer.max_steps`` continues its training.
+    """
+    result = read_json(run_dir / RESULT_FILE)
+    if result.get("status") != COMPLETED:
+        return None
+    step = checkpoint_step(last_ckpt)
+    if max_steps > step:
+        log.warning("run %s completed %d steps; trainer.max_steps=%d continues it (recorded in its "
+                    "config.resume<N>.yaml)", run_dir, step, max_steps)
+        return None
+    log.info("run %s is complete (%d of trainer.max_steps=%d steps): its result is kept; raise trainer.max_steps "
+             "to train it further", run_dir, step, max_steps)
+    return result
