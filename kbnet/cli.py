@@ -23,7 +23,6 @@ its ``config.yaml`` was written) removes them again, so a rejected command leave
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -40,19 +39,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kbnet.errors import UserError
+from kbnet.rundir import disk_full_error
 
 EXIT_USER_ERROR = 2
 """Exit status of an expected error (as argparse uses for a bad command line)."""
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 RUN_RECORD = "config.yaml"
 """Written by a run (or evaluation) once its checks passed: a directory without it holds no run."""
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class DiskFullError(UserError, OSError):
-    """Writing failed because the disk (or the quota) is full."""
 
 
 def full_traceback_requested() -> bool:
@@ -67,11 +62,7 @@ def as_user_error(error: BaseException) -> UserError | None:
         return error.__cause__
     if isinstance(error, UserError):
         return error
-    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-        where = f": {error.filename}" if error.filename else ""
-        return DiskFullError(f"no space left on the disk (or quota exceeded) while writing{where}; free some space "
-                             "and rerun")
-    return None
+    return disk_full_error(error)
 
 
 def report(message: object) -> None:

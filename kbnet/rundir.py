@@ -36,6 +36,9 @@ RESULT_FILE = "result.json"
 RUNNING, COMPLETED, FAILED, INTERRUPTED, KILLED = "running", "completed", "failed", "interrupted", "killed"
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class DiskWriteError(UserError, OSError):
     """A file of the run could not be written (full disk, quota, permissions, a failing device)."""
 
@@ -84,12 +87,26 @@ def atomic_writer(path: str | Path, mode: str = "wb", newline: str | None = None
             tmp.unlink()
         cause = _os_error(error)
         if cause is not None and not isinstance(error, DiskWriteError):
-            reason = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
             raise DiskWriteError(
-                f"could not write {path}: {reason} ({cause.strerror or cause}; {free_space(path.parent)} on its "
-                "file system); the previous version of the file, if any, is intact. Free some space (or write "
-                "elsewhere with paths.log_dir=...) and resume with resume=true") from error
+                f"could not write {path}: {_write_failure(cause, path.parent)}; the previous version of the file, "
+                "if any, is intact. Free some space (or write elsewhere with paths.log_dir=...) and resume with "
+                "resume=true") from error
         raise
+
+
+def _write_failure(cause: OSError, directory: Path) -> str:
+    reason = "the disk is full" if cause.errno in DISK_FULL_ERRNOS else "the write failed"
+    return f"{reason} ({cause.strerror or cause}; {free_space(directory)} on its file system)"
+
+
+def disk_full_error(error: BaseException) -> DiskWriteError | None:
+    """A full disk or quota behind ``error`` (raised by any write, not only ``atomic_writer``'s) as the user error
+    that names the file and the free space; None for any other error."""
+    cause = _os_error(error)
+    if cause is None or cause.errno not in DISK_FULL_ERRNOS:
+        return None
+    where = Path(cause.filename) if cause.filename else Path.cwd()
+    return DiskWriteError(f"could not write {where}: {_write_failure(cause, where.parent)}; free some space and rerun")
 
 
 def _os_error(error: BaseException) -> OSError | None:

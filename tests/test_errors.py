@@ -8,7 +8,9 @@ show that the same validator is what ``train.py`` runs).
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -143,7 +145,7 @@ def test_hydra_composition_errors_become_one_line(override: str, message: str) -
     assert describe_hydra_error(info.value) == message
 
 
-def test_console_handler_prints_user_errors_and_keeps_bugs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_console_handler_prints_user_errors_and_keeps_bugs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     @user_errors
     def refuses() -> None:
         raise ConfigError("--size 0: expected a positive number of pixels")
@@ -152,10 +154,21 @@ def test_console_handler_prints_user_errors_and_keeps_bugs(capsys: pytest.Captur
     def crashes() -> None:
         raise RuntimeError("a bug")
 
+    @user_errors
+    def fills_the_disk() -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "restored.png"))
+        except OSError as error:  # as torch.save's zip writer does
+            raise RuntimeError("PytorchStreamWriter failed writing file") from error
+
     assert refuses() == EXIT_USER_ERROR  # console scripts run sys.exit(main())
     assert capsys.readouterr().err == "error: --size 0: expected a positive number of pixels\n"
     with pytest.raises(RuntimeError, match="a bug"):
         crashes()
+    assert fills_the_disk() == EXIT_USER_ERROR
+    assert re.fullmatch(rf"error: could not write {re.escape(str(tmp_path))}/restored.png: the disk is full \(No "
+                        r"space left on device; [0-9.]+ (MiB|bytes) free on its file system\); free some space and "
+                        r"rerun\n", capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------- data verification
