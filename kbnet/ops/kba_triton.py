@@ -14,10 +14,10 @@ multiplied with the gathered neighbourhoods and reduced per out-channel, still i
   sums (float32), which ``torch.sum`` reduces: deterministic, no float atomics.
 
 Inputs may be float32 (``tl.dot`` uses TF32 when torch's float32 matmul precision allows it), bfloat16 or float16;
-accumulation is always float32. The kernels are compiled lazily, separately for Triton's interpreter
-(``TRITON_INTERPRET=1``, which runs them on CPU tensors: that is how the tests check them without a GPU) and for
-the GPU, so setting the variable in one test cannot change which kernels another test gets. On the meta device the
-wrappers allocate their results and count the launches they would issue, without running anything (launch tables).
+accumulation is always float32. The kernels are jitted on first use; with ``TRITON_INTERPRET=1`` set before
+triton is imported, Triton's interpreter runs them on CPU tensors (that is how the tests check them without a GPU, in
+a subprocess of their own, since the variable changes all of triton for the process). In a ``dry_run()`` the
+wrappers only count the launches they would issue (launch tables without a GPU, ``kbnet.ops.launches``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -42,13 +45,26 @@ SPLIT_PROGRAMS = 1024
 """Programs of the weight-gradient kernel, over all groups: enough to fill a GPU, few partial sums to reduce."""
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+_dry_run: ContextVar[bool] = ContextVar("kbnet_triton_dry_run", default=False)
 launches: Counter[str] = Counter()
 """Triton kernel launches issued so far, by kernel (``forward``, ``grad_x``, ``grad_att``, ``grad_weight``)."""
 
 
+@contextmanager
+def dry_run() -> Iterator[None]:
+    """Inside the block the wrappers accept tensors of any device and count the launches they would issue, without
+    launching anything: with fake tensors, the launch table of a step on a machine without a GPU."""
+    token = _dry_run.set(True)
+    try:
+        yield
+    finally:
+        _dry_run.reset(token)
+
+
 def interpreting() -> bool:
-    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether triton runs its interpreter (``TRITON_INTERPRET=1`` when triton was imported): kernels then run on
+    CPU tensors. Triton decides this once, at import, for its own library functions too."""
+    return import_error() is None and _interpreted()
 
 
 @functools.cache
@@ -58,7 +74,13 @@ def import_error() -> str | None:
         import triton  # noqa: F401
     except ImportError as err:
         return f"triton is not installed ({err}); install it with the gpu extra: pip install 'kbnet[gpu]'"
+    _interpreted()
     return None
+
+
+@functools.cache
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -76,9 +98,9 @@ def unsupported_reason(device: str, dtype: torch.dtype, channels: int, nset: int
     error = import_error()
     if error is not None:
         return error
-    if device != "cuda" and not (device == "cpu" and interpreting()):
-        return (f"the Triton kernels need CUDA tensors (CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1); "
-                f"got a {device} tensor")
+    if device != "cuda" and not (device == "cpu" and interpreting()) and not _dry_run.get():
+        return (f"the Triton kernels need CUDA tensors (CPU tensors only in Triton's interpreter: TRITON_INTERPRET=1 "
+                f"before triton is imported); got a {device} tensor")
     if dtype not in DTYPES:
         return f"the Triton kernels take float32, bfloat16 or float16; got {dtype}"
     gc = channels // groups
@@ -240,30 +262,21 @@ _KERNELS = {"forward": _forward_kernel, "grad_x": _grad_x_kernel, "grad_att": _g
 
 
 @functools.cache
-def _compiled(interpret: bool) -> dict:
-    """The kernels jitted for the interpreter or for the GPU (``triton.jit`` reads ``TRITON_INTERPRET`` when it
-    wraps a function, so one compilation per mode)."""
+def _compiled() -> dict:
+    """The kernels, jitted on first use (for the interpreter when triton was imported with ``TRITON_INTERPRET=1``)."""
     global tl
     import triton
     import triton.language as tl
 
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        return {name: triton.jit(fn) for name, fn in _KERNELS.items()}
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    return {name: triton.jit(fn) for name, fn in _KERNELS.items()}
 
 
-def _launch(name: str, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
+def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
     launches[name] += 1
-    if device.type == "meta":
+    if _dry_run.get():
         return
-    kernels = _compiled(device.type == "cpu")
-    kernels[name][grid](*args, **{**meta, "DOT": getattr(tl, meta["DOT"])})
+    warps = 8 if meta.get("JP", 0) >= 256 else 4  # a 64×256 float32 tile is 128 registers a thread at 4 warps
+    _compiled()[name][grid](*args, **{**meta, "DOT": getattr(tl, meta["DOT"])}, num_warps=warps)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -296,7 +309,7 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
     out = torch.empty_like(x)
     meta = _meta(x, nset, groups, kernel_size)
     del meta["OP"]
-    _launch("forward", (-(-h * w // BLOCK), groups, b), x.device, x, att, weight, bias, out, c, h, w, nset, **meta)
+    _launch("forward", (-(-h * w // BLOCK), groups, b), x, att, weight, bias, out, c, h, w, nset, **meta)
     return out
 
 
@@ -310,15 +323,15 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     meta = _meta(x, nset, groups, kernel_size)
     tiles = -(-h * w // BLOCK)
     grad_x = torch.empty_like(x)
-    _launch("grad_x", (tiles, groups, b), x.device, att, weight, grad_out, grad_x, c, h, w, nset,
+    _launch("grad_x", (tiles, groups, b), att, weight, grad_out, grad_x, c, h, w, nset,
             GC=meta["GC"], KS=kernel_size, NP=meta["NP"], PP=_pow2(meta["GC"] ** 2), BLOCK=BLOCK,
             PRECISION=meta["PRECISION"], DOT=meta["DOT"])
     grad_att = torch.empty_like(att)
-    _launch("grad_att", (tiles, b), x.device, x, weight, bias, grad_out, grad_att, c, h, w, nset, groups, **meta)
+    _launch("grad_att", (tiles, b), x, weight, bias, grad_out, grad_att, c, h, w, nset, groups, **meta)
     split = max(1, min(b * tiles, SPLIT_PROGRAMS // groups))
     partial_w = x.new_empty(split, nset, weight.shape[-1], dtype=torch.float32)
     partial_b = x.new_empty(split, nset, c, dtype=torch.float32)
-    _launch("grad_weight", (groups, split), x.device, x, att, grad_out, partial_w, partial_b, b, c, h, w, nset, split,
+    _launch("grad_weight", (groups, split), x, att, grad_out, partial_w, partial_b, b, c, h, w, nset, split,
             **meta)
     grad_weight = partial_w.sum(0, keepdim=True).to(weight.dtype)
     grad_bias = partial_b.sum(0, keepdim=True).to(bias.dtype)

@@ -8,13 +8,15 @@ mixed by the predicted coefficients ``att[:, n, p]`` and the fused kernel is app
 Layouts are the official ones: ``weight`` (1, nset, C·(C/groups)·k²), per basis out-channel major, then the
 in-channel within the group, then kh, kw; ``bias`` (1, nset, C).
 
-Three implementations compute the same maths (``IMPLEMENTATIONS``): the fused C++ kernels of ``kbnet.ops.native``
-(CPU), horizontal slabs of rows in plain PyTorch (any device and dtype), and the official formulation
-(``kba_reference``, the yardstick). Neither of the first two ever holds the B·H·W·C·(C/groups)·k² fused-kernel
-tensor the official code allocates, and both keep only their four inputs for backward, recomputing the rest. Under
+Four implementations compute the same maths (``IMPLEMENTATIONS``): the fused C++ kernels of ``kbnet.ops.native``
+(CPU), the fused Triton kernels of ``kbnet.ops.kba_triton`` (CUDA), horizontal slabs of rows in plain PyTorch (any
+device and dtype), and the official formulation (``kba_reference``, the yardstick). None of the first three ever
+holds the B·H·W·C·(C/groups)·k² fused-kernel tensor the official code allocates, and all keep only their four inputs
+for backward, recomputing the rest. They run as one registered operator, ``torch.ops.kbnet.kba`` (its backward as
+``torch.ops.kbnet.kba_backward``), with fake implementations for ``torch.compile``/``torch.export``. Under
 ``torch.autocast`` every operand is cast consistently, which the official function cannot do. Double backward is
 supported: the slab backward is written in differentiable operations on the saved inputs, so autograd records it
-whenever a graph of the gradient is requested (``create_graph=True``).
+whenever a graph of the gradient is requested (``create_graph=True``), whichever implementation ran forward.
 """
 
 from __future__ import annotations
