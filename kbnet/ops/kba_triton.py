@@ -9,9 +9,10 @@ multiplied with the gathered neighbourhoods and reduced per out-channel, still i
 - forward: one program per (tile, group, image);
 - grad x: gathers instead of scattering (no atomics): for every tap it recomputes the fused kernels of the pixels
   whose neighbourhood contains the output pixel, one (tile, group, image) program each;
-- grad att: one program per (tile, image) walks the groups, accumulating (g·x) @ basesᵀ;
+- grad att: each (tile, image, part) program walks a strided set of the groups, accumulating (g·x) @ basesᵀ, and
+  writes a float32 partial sum; enough parts that small deep levels still fill the GPU;
 - grad weight and bias: ``split`` programs per group walk strided sets of pixel tiles and write per-program partial
-  sums (float32), which ``torch.sum`` reduces: deterministic, no float atomics.
+  sums (float32). ``torch.sum`` reduces the partial sums of both: deterministic, no float atomics.
 
 Inputs may be float32 (``tl.dot`` uses TF32 when torch's float32 matmul precision allows it), bfloat16 or float16;
 accumulation is always float32. The kernels are jitted on first use; with ``TRITON_INTERPRET=1`` set before
@@ -42,7 +43,7 @@ MAX_COLUMNS = 512
 group (the group sizes of KBNet_s and KBNet_l), or k=5 with up to 4."""
 MAX_NSET = 128
 SPLIT_PROGRAMS = 1024
-"""Programs of the weight-gradient kernel, over all groups: enough to fill a GPU, few partial sums to reduce."""
+"""Programs the reductions of the att and the weight gradients aim at: enough to fill a GPU, few partial sums."""
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _dry_run: ContextVar[bool] = ContextVar("kbnet_triton_dry_run", default=False)
@@ -179,11 +180,12 @@ def _grad_x_kernel(att_ptr, w_ptr, g_ptr, gx_ptr, C, H, W, N,
         tl.store(gx_ptr + (b * C + g * GC + il) * hw + q, s.to(gx_ptr.dtype.element_ty), mask=qm)
 
 
-def _grad_att_kernel(x_ptr, w_ptr, b_ptr, g_ptr, ga_ptr, C, H, W, N, GROUPS,
+def _grad_att_kernel(x_ptr, w_ptr, b_ptr, g_ptr, ga_ptr, B, C, H, W, N, GROUPS, GSPLIT,
                      GC: tl.constexpr, KS: tl.constexpr, NP: tl.constexpr, TP: tl.constexpr, JP: tl.constexpr,
                      OP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    part = tl.program_id(2)
     hw = H * W
     p = tile * BLOCK + tl.arange(0, BLOCK)
     pm = p < hw
@@ -200,7 +202,7 @@ def _grad_att_kernel(x_ptr, w_ptr, b_ptr, g_ptr, ga_ptr, C, H, W, N, GROUPS,
     ob = tl.arange(0, OP)
     obm = ob < GC
     acc = tl.zeros([BLOCK, NP], dtype=tl.float32)
-    for g in range(GROUPS):
+    for g in range(part, GROUPS, GSPLIT):
         xv = tl.load(x_ptr + (b * C + g * GC + i[None, :]) * hw + r * W + c, mask=xm, other=0.0)
         gv = tl.load(g_ptr + (b * C + g * GC + o[None, :]) * hw + p[:, None], mask=pm[:, None] & jm[None, :],
                      other=0.0)
@@ -213,8 +215,7 @@ def _grad_att_kernel(x_ptr, w_ptr, b_ptr, g_ptr, ga_ptr, C, H, W, N, GROUPS,
                      other=0.0)
         bt = tl.load(b_ptr + n[None, :] * C + g * GC + ob[:, None], mask=obm[:, None] & nm[None, :], other=0.0)
         acc += tl.dot(go.to(DOT), bt.to(DOT), input_precision=PRECISION)
-    tl.store(ga_ptr + (b * N + n[None, :]) * hw + p[:, None], acc.to(ga_ptr.dtype.element_ty),
-             mask=pm[:, None] & nm[None, :])
+    tl.store(ga_ptr + ((part * B + b) * N + n[None, :]) * hw + p[:, None], acc, mask=pm[:, None] & nm[None, :])
 
 
 def _grad_weight_kernel(x_ptr, att_ptr, g_ptr, pw_ptr, pb_ptr, B, C, H, W, N, SPLIT,
@@ -326,8 +327,11 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     _launch("grad_x", (tiles, groups, b), att, weight, grad_out, grad_x, c, h, w, nset,
             GC=meta["GC"], KS=kernel_size, NP=meta["NP"], PP=_pow2(meta["GC"] ** 2), BLOCK=BLOCK,
             PRECISION=meta["PRECISION"], DOT=meta["DOT"])
-    grad_att = torch.empty_like(att)
-    _launch("grad_att", (tiles, b), x, weight, bias, grad_out, grad_att, c, h, w, nset, groups, **meta)
+    gsplit = max(1, min(groups, -(-SPLIT_PROGRAMS // (b * tiles))))
+    partial_att = x.new_empty(gsplit, *att.shape, dtype=torch.float32)
+    _launch("grad_att", (tiles, b, gsplit), x, weight, bias, grad_out, partial_att, b, c, h, w, nset, groups, gsplit,
+            **meta)
+    grad_att = partial_att.sum(0).to(att.dtype)
     split = max(1, min(b * tiles, SPLIT_PROGRAMS // groups))
     partial_w = x.new_empty(split, nset, weight.shape[-1], dtype=torch.float32)
     partial_b = x.new_empty(split, nset, c, dtype=torch.float32)
