@@ -180,3 +180,9 @@ def test_launch_targets_at_batch_8_128(name, monkeypatch):
     assert launches.count_training_step(name, "triton", 8, 128).total < reference
     monkeypatch.setenv("KBNET_KBA_SLAB_MB", "2048")
     assert launches.count_training_step(name, "torch", 8, 128).total <= 1.2 * reference
+
+
+def test_the_operator_refuses_an_implementation_it_has_no_kernel_for():
+    inputs, k, groups = random_case()
+    with pytest.raises(ValueError, match="not 'reference'"):
+        torch.ops.kbnet.kba(*inputs, k, groups, "reference")

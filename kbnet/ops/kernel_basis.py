@@ -150,7 +150,9 @@ def run_forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: 
         return native.forward(x, att, weight, bias, kernel_size, groups)
     if impl == "triton":
         return kba_triton.forward(x, att, weight, bias, kernel_size, groups)
-    return _forward(x, att, weight, bias, kernel_size, groups)
+    if impl == "torch":
+        return _forward(x, att, weight, bias, kernel_size, groups)
+    raise ValueError(f"kbnet::kba runs the native, triton and torch implementations, not {impl!r}")
 
 
 def run_backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -161,8 +163,10 @@ def run_backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias:
         return native.backward(x, att, weight, bias, grad_out, kernel_size, groups)
     if impl == "triton":
         return kba_triton.backward(x, att, weight, bias, grad_out, kernel_size, groups)
-    grad_x, *rest = _backward(x, att, weight, bias, grad_out.contiguous(), kernel_size, groups)
-    return (grad_x.contiguous(), *rest)
+    if impl == "torch":
+        grad_x, *rest = _backward(x, att, weight, bias, grad_out.contiguous(), kernel_size, groups)
+        return (grad_x.contiguous(), *rest)
+    raise ValueError(f"kbnet::kba_backward runs the native, triton and torch implementations, not {impl!r}")
 
 
 def _result_format(t: torch.Tensor, impl: str) -> torch.memory_format:
