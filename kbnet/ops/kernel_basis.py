@@ -8,13 +8,15 @@ mixed by the predicted coefficients ``att[:, n, p]`` and the fused kernel is app
 Layouts are the official ones: ``weight`` (1, nset, C·(C/groups)·k²), per basis out-channel major, then the
 in-channel within the group, then kh, kw; ``bias`` (1, nset, C).
 
-Three implementations compute the same maths (``IMPLEMENTATIONS``): the fused C++ kernels of ``kbnet.ops.native``
-(CPU), horizontal slabs of rows in plain PyTorch (any device and dtype), and the official formulation
-(``kba_reference``, the yardstick). Neither of the first two ever holds the B·H·W·C·(C/groups)·k² fused-kernel
-tensor the official code allocates, and both keep only their four inputs for backward, recomputing the rest. Under
+Four implementations compute the same maths (``IMPLEMENTATIONS``): the fused C++ kernels of ``kbnet.ops.native``
+(CPU), the fused Triton kernels of ``kbnet.ops.kba_triton`` (CUDA), horizontal slabs of rows in plain PyTorch (any
+device and dtype), and the official formulation (``kba_reference``, the yardstick). None of the first three ever
+holds the B·H·W·C·(C/groups)·k² fused-kernel tensor the official code allocates, and all keep only their four inputs
+for backward, recomputing the rest. They run as one registered operator, ``torch.ops.kbnet.kba`` (its backward as
+``torch.ops.kbnet.kba_backward``), with fake implementations for ``torch.compile``/``torch.export``. Under
 ``torch.autocast`` every operand is cast consistently, which the official function cannot do. Double backward is
 supported: the slab backward is written in differentiable operations on the saved inputs, so autograd records it
-whenever a graph of the gradient is requested (``create_graph=True``).
+whenever a graph of the gradient is requested (``create_graph=True``), whichever implementation ran forward.
 """
 
 from __future__ import annotations
@@ -28,11 +30,33 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
-from kbnet.ops import native
+from kbnet.errors import UserError
+from kbnet.ops import kba_triton, native
 from kbnet.ops.kba_reference import kba_reference
 
 SLAB_BYTES = 64 * 2**20
-"""Budget for the transient per-slab tensors; small enough to stay in the last-level cache of large CPUs."""
+"""CPU budget for the transient per-slab tensors; small enough to stay in the last-level cache of large CPUs."""
+CUDA_SLAB_FRACTION = 1 / 16
+"""CUDA budget as a fraction of the device's memory: on a GPU every slab costs a dozen kernel launches, so the
+fewer slabs the better, while a sixteenth of the device still leaves the network its activations."""
+SLAB_ENV = "KBNET_KBA_SLAB_MB"
+
+
+def slab_budget(device: torch.device) -> int:
+    """Bytes the PyTorch implementation may spend on the transient tensors of one slab on ``device``:
+    ``$KBNET_KBA_SLAB_MB`` (MiB) on any device, else a fraction of a CUDA device's memory, else ``SLAB_BYTES``."""
+    value = os.environ.get(SLAB_ENV)
+    if value is not None:
+        try:
+            mib = float(value)
+        except ValueError:
+            mib = -1.0
+        if not mib > 0:
+            raise UserError(f"environment variable {SLAB_ENV}={value!r}: expected a positive number of MiB")
+        return int(mib * 2**20)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_SLAB_FRACTION)
+    return SLAB_BYTES
 
 
 def _check(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
@@ -58,7 +82,7 @@ def _check(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch
 def _slab_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     b, _, _, w = x.shape
     per_row = b * w * weight.shape[-1] * x.element_size() * 3
-    return max(1, SLAB_BYTES // max(per_row, 1))
+    return max(1, slab_budget(x.device) // max(per_row, 1))
 
 
 def _slabs(h: int, rows: int) -> list[tuple[int, int]]:
@@ -119,48 +143,92 @@ def _backward(x, att, weight, bias, grad_out, k, groups):
     return grad_xp[:, :, p:p + h, p:p + w], grad_att, grad_weight, grad_bias
 
 
-class _KBATorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, att, weight, bias, kernel_size: int, groups: int):  # type: ignore[override]
-        ctx.save_for_backward(x, att, weight, bias)
-        ctx.kernel_size, ctx.groups = kernel_size, groups
-        return _forward(x, att, weight, bias, kernel_size, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, att, weight, bias = ctx.saved_tensors
-        grads = _backward(x, att, weight, bias, grad_out.contiguous(), ctx.kernel_size, ctx.groups)
-        return (*grads, None, None)
-
-
-class _KBANative(torch.autograd.Function):
-    """The fused CPU kernels; a gradient of the gradient (``create_graph=True``) is recorded through the
-    differentiable PyTorch backward instead, so double backward works here too."""
-
-    @staticmethod
-    def forward(ctx, x, att, weight, bias, kernel_size: int, groups: int):  # type: ignore[override]
-        ctx.save_for_backward(x, att, weight, bias)
-        ctx.kernel_size, ctx.groups = kernel_size, groups
+def run_forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
+                groups: int, impl: str) -> torch.Tensor:
+    """The forward of one concrete implementation (``native``, ``torch`` or ``triton``) on plain tensors."""
+    if impl == "native":
         return native.forward(x, att, weight, bias, kernel_size, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, att, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grads = _backward(x, att, weight, bias, grad_out.contiguous(), ctx.kernel_size, ctx.groups)
-        else:
-            grads = native.backward(x, att, weight, bias, grad_out, ctx.kernel_size, ctx.groups)
-        return (*grads, None, None)
+    if impl == "triton":
+        return kba_triton.forward(x, att, weight, bias, kernel_size, groups)
+    if impl == "torch":
+        return _forward(x, att, weight, bias, kernel_size, groups)
+    raise ValueError(f"kbnet::kba runs the native, triton and torch implementations, not {impl!r}")
 
 
-IMPLEMENTATIONS = ("auto", "native", "torch", "reference")
+def run_backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 grad_out: torch.Tensor, kernel_size: int, groups: int,
+                 impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x, att, weight and bias of one concrete implementation."""
+    if impl == "native":
+        return native.backward(x, att, weight, bias, grad_out, kernel_size, groups)
+    if impl == "triton":
+        return kba_triton.backward(x, att, weight, bias, grad_out, kernel_size, groups)
+    if impl == "torch":
+        grad_x, *rest = _backward(x, att, weight, bias, grad_out.contiguous(), kernel_size, groups)
+        return (grad_x.contiguous(), *rest)
+    raise ValueError(f"kbnet::kba_backward runs the native, triton and torch implementations, not {impl!r}")
+
+
+def _result_format(t: torch.Tensor, impl: str) -> torch.memory_format:
+    """The native kernels keep a channels-last input channels-last; the other implementations return contiguous."""
+    return native._memory_format(t) if impl == "native" else torch.contiguous_format
+
+
+@torch.library.custom_op("kbnet::kba", mutates_args=())
+def _kba_op(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
+            groups: int, impl: str) -> torch.Tensor:
+    return run_forward(x, att, weight, bias, kernel_size, groups, impl)
+
+
+@_kba_op.register_fake
+def _kba_fake(x, att, weight, bias, kernel_size, groups, impl):
+    return torch.empty_like(x, memory_format=_result_format(x, impl))
+
+
+@torch.library.custom_op("kbnet::kba_backward", mutates_args=())
+def _kba_backward_op(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     grad_out: torch.Tensor, kernel_size: int, groups: int,
+                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_backward(x, att, weight, bias, grad_out, kernel_size, groups, impl)
+
+
+@_kba_backward_op.register_fake
+def _kba_backward_fake(x, att, weight, bias, grad_out, kernel_size, groups, impl):
+    return (torch.empty_like(x, memory_format=_result_format(x, impl)),
+            torch.empty_like(att, memory_format=_result_format(att, impl)),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(bias, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, att, weight, bias, kernel_size, groups, impl = inputs
+    ctx.save_for_backward(x, att, weight, bias)
+    ctx.kernel_size, ctx.groups, ctx.impl = kernel_size, groups, impl
+
+
+def _kba_grad(ctx, grad_out):
+    """Gradients of the four tensors. The slab backward is written in differentiable operations, so it also serves
+    a gradient of the gradient (``create_graph=True``) of the fused kernels, whose backward is not differentiable."""
+    x, att, weight, bias = ctx.saved_tensors
+    if ctx.impl == "torch" or torch.is_grad_enabled():
+        grads = _backward(x, att, weight, bias, grad_out.contiguous(), ctx.kernel_size, ctx.groups)
+    else:
+        grads = torch.ops.kbnet.kba_backward(x, att, weight, bias, grad_out, ctx.kernel_size, ctx.groups, ctx.impl)
+    return (*grads, None, None, None)
+
+
+_kba_op.register_autograd(_kba_grad, setup_context=_setup_context)
+
+IMPLEMENTATIONS = ("auto", "native", "torch", "triton", "reference")
 """``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group); ``torch``: row slabs in plain
-PyTorch (any device and dtype); ``reference``: the official formulation; ``auto``: native where it applies, else
-torch."""
+PyTorch (any device and dtype); ``triton``: fused Triton kernels (CUDA; CPU tensors only in Triton's interpreter,
+``TRITON_INTERPRET=1``); ``reference``: the official formulation; ``auto``: native on CPU and Triton on CUDA where
+they apply, else torch."""
 
 _ENV = "KBNET_KBA"
 _current: ContextVar[str | None] = ContextVar("kbnet_kba_impl", default=None)
 _warned_native = False
+_warned_fallbacks: set[str] = set()
 
 
 def _validate(impl: str, origin: str) -> str:
@@ -190,25 +258,54 @@ def use_kba(impl: str) -> Iterator[None]:
         _current.reset(token)
 
 
-def _resolve(impl: str, x: torch.Tensor, groups: int) -> str:
+def _warn_once(message: str) -> None:
+    if message not in _warned_fallbacks:
+        _warned_fallbacks.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@torch.compiler.assume_constant_result
+def _requested(impl: str | None) -> str:
+    """``impl`` checked, or the default; a constant for ``torch.compile``, which cannot trace a context variable."""
+    return _validate(impl, "kba") if impl is not None else default_impl()
+
+
+@torch.compiler.assume_constant_result
+def _resolve(impl: str, device: str, dtype: torch.dtype, channels: int, nset: int, groups: int,
+             kernel_size: int) -> str:
+    """The concrete implementation of a call on ``device`` with operands of ``dtype``. Plain values only, so that
+    ``torch.compile`` runs it once while tracing (it looks up the native library and triton, which dynamo cannot
+    trace) and puts the result into the graph."""
     global _warned_native
+    native_ok = device == "cpu" and native.supports(torch.empty(0, channels, 0, 0, dtype=dtype), groups)
     if impl == "native":
-        if not native.supports(x, groups):
+        if not native_ok:
             raise ValueError(f"kba: the native implementation needs a CPU tensor of dtype float32/float64 (bf16/fp16 "
                              f"under autocast) and {native.GROUP_CHANNELS} channels per group; got a "
-                             f"{x.device.type} {x.dtype} tensor with {x.shape[1] // groups} channels per group")
+                             f"{device} {dtype} tensor with {channels // groups} channels per group")
         if not native.available():
             raise RuntimeError(f"kba: the native implementation is unavailable: {native.unavailable_reason()}")
         return impl
+    if impl == "triton":
+        reason = kba_triton.unsupported_reason(device, dtype, channels, nset, groups, kernel_size)
+        if reason is not None:
+            raise ValueError(f"kba: the triton implementation cannot run this call: {reason}")
+        return impl
     if impl != "auto":
         return impl
-    if not native.supports(x, groups):
+    if device == "cuda":
+        reason = kba_triton.unsupported_reason(device, dtype, channels, nset, groups, kernel_size)
+        if reason is None:
+            return "triton"
+        _warn_once(f"kba: using the slower PyTorch implementation on CUDA: {reason}")
+        return "torch"
+    if not native_ok:
         return "torch"
     if native.available():
         return "native"
     if not _warned_native:
         warnings.warn(f"kba: using the slower PyTorch implementation, the native kernels are unavailable: "
-                      f"{native.unavailable_reason()}", RuntimeWarning, stacklevel=3)
+                      f"{native.unavailable_reason()}", RuntimeWarning, stacklevel=4)
         _warned_native = True
     return "torch"
 
@@ -226,11 +323,16 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         groups: number of channel groups of the grouped kernels.
         impl: one of ``IMPLEMENTATIONS``; ``None`` uses ``default_impl()``.
 
+    Every implementation but ``reference`` runs as the registered operator ``torch.ops.kbnet.kba`` (with its fake
+    implementation and autograd formula), so ``torch.compile`` and ``torch.export`` see one node per call; the
+    implementation is resolved here, in Python, and passed to the operator as an argument. Under ``torch.compile``
+    it is resolved once, when the call is traced: a later ``use_kba`` does not change a compiled model.
+
     Under ``torch.autocast`` the result has the autocast dtype; the native kernels compute it in float32, the others
-    in the autocast dtype.
+    in the autocast dtype (Triton accumulates in float32).
     """
     _check(x, att, weight, bias, kernel_size, groups)
-    impl = _validate(impl, "kba") if impl is not None else default_impl()
+    impl = _requested(impl)
     device = x.device.type
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     if autocast:
@@ -241,10 +343,9 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                                               torch.promote_types(weight.dtype, bias.dtype))
     operands = (x.to(compute), att.to(compute), weight.to(compute), bias.to(compute))
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
-        chosen = _resolve(impl, operands[0], groups)
+        chosen = _resolve(impl, device, compute, x.shape[1], att.shape[1], groups, kernel_size)
         if chosen == "reference":
             out = kba_reference(*operands, kernel_size, groups)
         else:
-            function = _KBANative if chosen == "native" else _KBATorch
-            out = function.apply(*operands, kernel_size, groups)
+            out = torch.ops.kbnet.kba(*operands, kernel_size, groups, chosen)
     return out.to(dtype)

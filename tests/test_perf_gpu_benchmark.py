@@ -1,0 +1,37 @@
+"""The GPU benchmark's quick mode runs end to end on CPU (every section, the train.py run included), and a wrong
+implementation makes it fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kbnet.ops.kernel_basis as kba_module
+from benchmarks import gpu
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_prints_every_section_and_passes_the_launch_targets(capsys):
+    assert gpu.main(["--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for section in ("Agreement with the official formulation (float64), PASS", "KBA per level", "Whole backbones",
+                    "Training throughput", "Kernel launches per training step"):
+        assert section in out
+    assert "images/s" in out
+    launch_rows = [line for line in out.splitlines() if "official: " in line]
+    assert len(launch_rows) == 4 and all(line.rstrip(" |").endswith("PASS") for line in launch_rows)
+
+
+def test_a_disagreeing_implementation_fails_the_check(monkeypatch):
+    slab_forward = kba_module._forward
+    monkeypatch.setattr(kba_module, "_forward", lambda *args: slab_forward(*args) * 1.001)
+    table, ok = gpu.check_agreement(gpu.QUICK, True, torch.device("cpu"), ["torch", "reference"])
+    assert not ok
+    assert "FAIL" in table
