@@ -15,7 +15,7 @@
 //   ap (B, N, Lo) coefficients · gp (B, C, Lo) grad_out · out (B, C, Lo)
 //   w (N, C·gc·k²) kernel bases and bias (N, C) in the official layout (per basis: out-channel, in-channel of the
 //   group, ky, kx), so the bases are read and their gradients written without any reordering copy.
-// Vectors are GCC vector extensions (32 bytes: 8 floats or 4 doubles), so the code is plain C++ for any target.
+// Vectors are GCC vector extensions (64 bytes with AVX-512, else 32), so the code is plain C++ for any target.
 
 #include <algorithm>
 #include <cstdint>
@@ -24,11 +24,24 @@
 
 namespace {
 
-template <typename T> struct VecOf;
-template <> struct VecOf<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct VecOf<double> { typedef double type __attribute__((vector_size(32))); };
-template <typename T> using Vec = typename VecOf<T>::type;
-template <typename T> constexpr int kLanes = 32 / sizeof(T);
+// The kernels' vector: a full AVX-512 register where the build targets AVX-512 (twice the lanes and 32 instead of
+// 16 registers, so the blockings below grow with kRegisters), else 32 bytes (AVX2). The instruction set is the
+// build's: the library is compiled with -march=native on the machine that runs it.
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64;
+constexpr int kRegisters = 32;
+#else
+constexpr int kVecBytes = 32;
+constexpr int kRegisters = 16;
+#endif
+template <typename T, int Bytes> struct VecOf {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+template <typename T> using Vec = typename VecOf<T, kVecBytes>::type;
+template <typename T> constexpr int kLanes = kVecBytes / sizeof(T);
+// The layout copies transpose in 32-byte tiles on every target (8×8 floats, 4×4 doubles).
+template <typename T> using Tile = typename VecOf<T, 32>::type;
+template <typename T> constexpr int kTileLanes = 32 / sizeof(T);
 
 // Positions per chunk of the grad_x / grad_w kernel: one sweep of either part then reads 16 KB of a·g products,
 // which stay in L1 for the next taps.
@@ -38,6 +51,8 @@ template <typename T> constexpr int64_t kLineFloats = 64 / sizeof(T);
 
 template <typename T> inline Vec<T> load(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
+template <typename T> inline Tile<T> load_tile(const T* p) { Tile<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T> inline void store_tile(T* p, Tile<T> v) { std::memcpy(p, &v, sizeof v); }
 // s - 0 is s for every s (s + 0 is not: -0 + 0 = +0), so this folds to a single broadcast from memory.
 template <typename T> inline Vec<T> splat(T s) { return s - Vec<T>{}; }
 
@@ -95,11 +110,16 @@ inline void apply_bases(const T* x0, const int64_t* off, const Dims& d, const T*
   }
 }
 
-// Register blocking: NB bases × gc rows × PB position vectors = 12 basis accumulators (enough to hide the FMA
-// latency) plus PB inputs and a broadcast fill the 16 vector registers; the mixing accumulators spill, they are
-// touched once per NB bases. Shorter blocks finish each range, single bases finish an odd nset.
+// Register blocking: NB bases × gc rows × PB position vectors = 12 basis accumulators with 16 registers, 24 with 32
+// (enough to hide the FMA latency), plus PB inputs and a broadcast fill the vector registers; the mixing
+// accumulators spill, they are touched once per NB bases. Shorter blocks finish each range, single bases finish an
+// odd nset.
 constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
-constexpr int blocking(int gc) { return gc <= 4 ? 3 : 1; }
+constexpr int blocking(int gc) { return kRegisters == 32 ? (gc <= 4 ? 6 : 3) : (gc <= 4 ? 3 : 1); }
+// The same budget for grad_x (kTapBlock taps × kScatterBlock position vectors) and grad_w (kRowTaps taps × 4
+// vectors of basis rows).
+constexpr int kScatterBlock = kRegisters == 32 ? 6 : 3;
+constexpr int kRowTaps = kRegisters == 32 ? 6 : 3;
 
 template <typename T, int NB, int GC, int PB>
 inline void forward_bases(const T* x0, const T* a0, const T* w, const T* bias, const int64_t* off, const Dims& d,
@@ -221,7 +241,8 @@ inline void scatter_taps(const T* h, int64_t stride, int64_t len, int64_t nr_cou
                          T* dx0, bool accumulate) {
   constexpr int V = kLanes<T>;
   int64_t pb = 0;
-  for (; pb + 3 * V <= len; pb += 3 * V) scatter_block<T, JB, 3>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
+  for (; pb + kScatterBlock * V <= len; pb += kScatterBlock * V)
+    scatter_block<T, JB, kScatterBlock>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
   for (; pb < len; pb += V) scatter_block<T, JB, 1>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
 }
 
@@ -249,6 +270,8 @@ template <typename T, int NB>
 inline void accumulate_rows(const T* ht, int64_t stride, int64_t len, const T* x0, const int64_t* off, int64_t p0,
                             int64_t J, T* dwq, int64_t dw_stride) {
   int64_t j = 0;
+  for (; j + kRowTaps <= J; j += kRowTaps)
+    accumulate_taps<T, kRowTaps, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
   for (; j + 3 <= J; j += 3)
     accumulate_taps<T, 3, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
   for (; j < J; ++j) accumulate_taps<T, 1, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
@@ -324,8 +347,8 @@ struct Image {
 template <typename T> struct Transpose;
 template <> struct Transpose<float> {
   typedef int Mask __attribute__((vector_size(32)));
-  static void run(Vec<float> (&r)[8]) {
-    Vec<float> t[8], u[8];
+  static void run(Tile<float> (&r)[8]) {
+    Tile<float> t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
       t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 8, 1, 9, 4, 12, 5, 13});
       t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{2, 10, 3, 11, 6, 14, 7, 15});
@@ -343,8 +366,8 @@ template <> struct Transpose<float> {
 };
 template <> struct Transpose<double> {
   typedef long long Mask __attribute__((vector_size(32)));
-  static void run(Vec<double> (&r)[4]) {
-    Vec<double> t[4];
+  static void run(Tile<double> (&r)[4]) {
+    Tile<double> t[4];
     for (int i = 0; i < 4; i += 2) {
       t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 4, 2, 6});
       t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{1, 5, 3, 7});
@@ -360,7 +383,7 @@ template <> struct Transpose<double> {
 template <typename T, bool ToPlanes>
 inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t base, int64_t row, int64_t b,
                      int64_t y) {
-  constexpr int V = kLanes<T>;
+  constexpr int V = kTileLanes<T>;
   T* src = img + b * im.sb + y * im.sh;
   T* dst = planes + b * im.channels * plane + base + y * row;
   auto scalar = [&](int64_t c, int64_t x) {
@@ -375,12 +398,13 @@ inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t 
   const int64_t cv = im.channels / V * V, xv = im.width / V * V;
   for (int64_t c0 = 0; c0 < cv; c0 += V)
     for (int64_t x0 = 0; x0 < xv; x0 += V) {
-      Vec<T> r[V];
-      for (int i = 0; i < V; ++i) r[i] = ToPlanes ? load(src + (x0 + i) * im.sw + c0) : load(dst + (c0 + i) * plane + x0);
+      Tile<T> r[V];
+      for (int i = 0; i < V; ++i)
+        r[i] = ToPlanes ? load_tile(src + (x0 + i) * im.sw + c0) : load_tile(dst + (c0 + i) * plane + x0);
       Transpose<T>::run(r);
       for (int i = 0; i < V; ++i) {
-        if (ToPlanes) store(dst + (c0 + i) * plane + x0, r[i]);
-        else store(src + (x0 + i) * im.sw + c0, r[i]);
+        if (ToPlanes) store_tile(dst + (c0 + i) * plane + x0, r[i]);
+        else store_tile(src + (x0 + i) * im.sw + c0, r[i]);
       }
     }
   for (int64_t c = 0; c < im.channels; ++c)
