@@ -154,9 +154,9 @@ class _KBANative(torch.autograd.Function):
 
 
 IMPLEMENTATIONS = ("auto", "native", "torch", "reference")
-"""``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group); ``torch``: row slabs in plain
-PyTorch (any device and dtype); ``reference``: the official formulation; ``auto``: native where it applies, else
-torch."""
+"""``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group, and bfloat16 with 2/4/8 where
+the CPU has AVX512_BF16); ``torch``: row slabs in plain PyTorch (any device and dtype); ``reference``: the official
+formulation; ``auto``: native where it applies, else torch."""
 
 _ENV = "KBNET_KBA"
 _current: ContextVar[str | None] = ContextVar("kbnet_kba_impl", default=None)
@@ -194,8 +194,9 @@ def _resolve(impl: str, x: torch.Tensor, groups: int) -> str:
     global _warned_native
     if impl == "native":
         if not native.supports(x, groups):
-            raise ValueError(f"kba: the native implementation needs a CPU tensor of dtype float32/float64 (bf16/fp16 "
-                             f"under autocast) and {native.GROUP_CHANNELS} channels per group; got a "
+            raise ValueError(f"kba: the native implementation needs a CPU tensor of dtype {native.native_dtypes()} "
+                             f"(bf16/fp16 under autocast) and {native.GROUP_CHANNELS} channels per group "
+                             f"({native.BF16_GROUP_CHANNELS} in bfloat16); got a "
                              f"{x.device.type} {x.dtype} tensor with {x.shape[1] // groups} channels per group")
         if not native.available():
             raise RuntimeError(f"kba: the native implementation is unavailable: {native.unavailable_reason()}")
@@ -226,8 +227,9 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         groups: number of channel groups of the grouped kernels.
         impl: one of ``IMPLEMENTATIONS``; ``None`` uses ``default_impl()``.
 
-    Under ``torch.autocast`` the result has the autocast dtype; the native kernels compute it in float32, the others
-    in the autocast dtype.
+    Under ``torch.autocast`` the result has the autocast dtype; the others compute it in the autocast dtype, the
+    native kernels in ``native.compute_dtype`` of it (bfloat16 with float32 sums where the CPU has AVX512_BF16,
+    else float32).
     """
     _check(x, att, weight, bias, kernel_size, groups)
     impl = _validate(impl, "kba") if impl is not None else default_impl()
@@ -235,13 +237,18 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     if autocast:
         dtype = torch.get_autocast_dtype(device)
-        compute = torch.float32 if impl in ("auto", "native") and native.supports(x, groups, torch.float32) else dtype
+        native_compute = native.compute_dtype(dtype)
+        compute = native_compute if impl in ("auto", "native") and native.supports(x, groups, native_compute) \
+            else dtype
     else:
         dtype = compute = torch.promote_types(torch.promote_types(x.dtype, att.dtype),
                                               torch.promote_types(weight.dtype, bias.dtype))
-    operands = (x.to(compute), att.to(compute), weight.to(compute), bias.to(compute))
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
-        chosen = _resolve(impl, operands[0], groups)
+        chosen = _resolve(impl, x.to(compute), groups)
+        # The native bf16 kernels take the bases in their own dtype: rounded inside, gradients summed in float32.
+        bases = chosen == "native" and compute == torch.bfloat16
+        operands = (x.to(compute), att.to(compute), weight if bases else weight.to(compute),
+                    bias if bases else bias.to(compute))
         if chosen == "reference":
             out = kba_reference(*operands, kernel_size, groups)
         else:
