@@ -75,8 +75,11 @@ LEVELS = {  # spec §1.2 and §1.3: (level, channels entering KBA, downscale)
 QUICK_LEVELS = {"KBNet_s": (4, [("L1/8", 8, 1), ("L2/8", 16, 2)]), "KBNet_l": (2, [("L1/8", 18, 1)])}
 
 
-def cases(quick: bool) -> list[Case]:
-    levels, sizes, batches = (QUICK_LEVELS, (32,), (1, 2)) if quick else (LEVELS, (128, 256), (1, 2))
+SIZES = (128, 256)
+
+
+def cases(quick: bool, sizes: Sequence[int] = SIZES) -> list[Case]:
+    levels, sizes, batches = (QUICK_LEVELS, (32,), (1, 2)) if quick else (LEVELS, sizes, (1, 2))
     return [Case(net, level, c, gc, scale, size, batch)
             for net, (gc, net_levels) in levels.items() for level, c, scale in net_levels
             for size in sizes for batch in batches]
@@ -178,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--impls", default="auto,reference",
                         help=f"comma-separated implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="input sizes whose per-level shapes are measured (default: 128 256)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     memory = not args.no_memory and memory_supported()
     bf16 = not args.no_bf16 and bf16_kernels()
-    results = measure(cases(args.quick), impls, repeats, args.threads, memory, bf16)
+    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, memory, bf16)
     rates = matmul_rates(1024 if args.quick else 2048)
     bf16_note = (f"bf16: {impls[0]} under bf16 autocast (bf16 kernels, float32 sums)" if bf16 else
                  "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
