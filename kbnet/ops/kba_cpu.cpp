@@ -322,73 +322,7 @@ inline void accumulate_rows(const T* ht, int64_t stride, int64_t len, const T* x
   for (; j < J; ++j) accumulate_taps<T, 1, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
 }
 
-// One task per group q (all batch items): no two tasks write the same dxp or dw values, and the weight gradient
-// is summed over the batch in the task's own buffer, so dw (N, C·gc·k², official layout) needs no per-batch
-// partials; every value of dw is written. dxp is added to where taps overlap (padded rows, zero on entry) or
-// overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). h = a·g is kept in
-// both orientations: p-contiguous rows for grad_x, nr-contiguous rows (NRp = N·gc rounded up to whole vectors,
-// zero padded) for grad_w, so neither needs a horizontal sum.
-template <typename T, int GC>
-void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dw, const Dims& d,
-              bool accumulate, int threads) {
-  constexpr int V = kLanes<T>;
-  const int64_t G = d.groups(), N = d.nset, J = d.taps(), S = d.basis_size(), Lo = d.len, NR = N * GC;
-  const int64_t nrp = (NR + V - 1) / V * V;
-  const int64_t chunk = std::min(Lo, kChunk);
-  // Row strides one cache line longer than the rows: power-of-two strides would put every row in the same few
-  // L1 sets and evict them between the sweeps that reuse them.
-  const int64_t hs = chunk + kLineFloats<T>, hts = nrp + kLineFloats<T>;
-#pragma omp parallel num_threads(threads)
-  {
-    Buffer<T> h(NR * hs), ht(chunk * hts), wq(J * NR), dwq(J * nrp);
-#pragma omp for schedule(dynamic)
-    for (int64_t q = 0; q < G; ++q) {
-      for (int64_t n = 0; n < N; ++n)
-        for (int r = 0; r < GC; ++r)
-          for (int64_t j = 0; j < J; ++j) wq[j * NR + n * GC + r] = w[n * S + (q * GC + r) * J + j];
-      dwq.zero();
-      for (int64_t b = 0; b < d.batch; ++b) {
-        const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
-        const T* a0 = ap + b * N * Lo;
-        const T* g0 = gp + (b * d.channels + q * GC) * Lo;
-        T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
-        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
-          const int64_t len = std::min(chunk, Lo - p0);
-          for (int64_t n = 0; n < N; ++n)
-            for (int r = 0; r < GC; ++r)
-              for (int64_t p = 0; p < len; ++p) {
-                const T v = a0[n * Lo + p0 + p] * g0[r * Lo + p0 + p];
-                h[(n * GC + r) * hs + p] = v;
-                ht[p * hts + n * GC + r] = v;
-              }
-          const T* hd = h.data();
-          T* dxc = dx0 + p0;
-          int64_t j = 0;
-          for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          int64_t nr = 0;
-          for (; nr + 4 * V <= nrp; nr += 4 * V)
-            accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
-          for (; nr < nrp; nr += V)
-            accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
-        }
-      }
-      for (int64_t n = 0; n < N; ++n)
-        for (int r = 0; r < GC; ++r)
-          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[j * nrp + n * GC + r];
-    }
-  }
-}
-
-// Layout changes between an image (B, C, H, W) with arbitrary strides (NCHW or channels-last) and the kernels'
-// flat planes (B, C, plane): pixel (y, x) sits at base + y·row + x. Positions without a pixel are zero after
-// pack. Channels-last images are transposed in lanes×lanes register tiles (torch's transposing copy is several
-// times slower).
-struct Image {
-  int64_t batch, channels, height, width, sb, sc, sh, sw;
-};
-
+// Register-tile transposes (8×8 floats, 4×4 doubles) of the layout copies and of grad_w's a·g products.
 template <typename T> struct Transpose;
 template <> struct Transpose<float> {
   typedef int Mask __attribute__((vector_size(32)));
@@ -423,6 +357,92 @@ template <> struct Transpose<double> {
     }
   }
 };
+
+// rows (count × len, row stride `stride`) to columns: dst[p·dst_stride + i] = src[i·stride + p], in register tiles
+// where whole tiles fit, element by element for the rest.
+template <typename T>
+inline void transpose_rows(const T* src, int64_t stride, int64_t count, int64_t len, T* dst, int64_t dst_stride) {
+  constexpr int V = kTileLanes<T>;
+  const int64_t rows = count / V * V, cols = len / V * V;
+  for (int64_t i0 = 0; i0 < rows; i0 += V)
+    for (int64_t p0 = 0; p0 < cols; p0 += V) {
+      Tile<T> r[V];
+      for (int i = 0; i < V; ++i) r[i] = load_tile(src + (i0 + i) * stride + p0);
+      Transpose<T>::run(r);
+      for (int i = 0; i < V; ++i) store_tile(dst + (p0 + i) * dst_stride + i0, r[i]);
+    }
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t p = i < rows ? cols : 0; p < len; ++p) dst[p * dst_stride + i] = src[i * stride + p];
+}
+
+// One task per group q (all batch items): no two tasks write the same dxp or dw values, and the weight gradient
+// is summed over the batch in the task's own buffer, so dw (N, C·gc·k², official layout) needs no per-batch
+// partials; every value of dw is written. dxp is added to where taps overlap (padded rows, zero on entry) or
+// overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). h = a·g is kept in
+// both orientations: p-contiguous rows for grad_x, nr-contiguous rows (NRp = N·gc rounded up to whole vectors,
+// zero padded) for grad_w, so neither needs a horizontal sum.
+template <typename T, int GC>
+void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dw, const Dims& d,
+              bool accumulate, int threads) {
+  constexpr int V = kLanes<T>;
+  const int64_t G = d.groups(), N = d.nset, J = d.taps(), S = d.basis_size(), Lo = d.len, NR = N * GC;
+  const int64_t nrp = (NR + V - 1) / V * V;
+  const int64_t chunk = std::min(Lo, kChunk);
+  // Row strides one cache line longer than the rows: power-of-two strides would put every row in the same few
+  // L1 sets and evict them between the sweeps that reuse them.
+  const int64_t hs = chunk + kLineFloats<T>, hts = nrp + kLineFloats<T>;
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<T> h(NR * hs), ht(chunk * hts), wq(J * NR), dwq(J * nrp);
+#pragma omp for schedule(dynamic)
+    for (int64_t q = 0; q < G; ++q) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t j = 0; j < J; ++j) wq[j * NR + n * GC + r] = w[n * S + (q * GC + r) * J + j];
+      dwq.zero();
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+        const T* a0 = ap + b * N * Lo;
+        const T* g0 = gp + (b * d.channels + q * GC) * Lo;
+        T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
+          const int64_t len = std::min(chunk, Lo - p0);
+          for (int64_t n = 0; n < N; ++n)
+            for (int r = 0; r < GC; ++r) {
+              T* hr = h.data() + (n * GC + r) * hs;
+              const T* an = a0 + n * Lo + p0;
+              const T* gr = g0 + r * Lo + p0;
+              for (int64_t p = 0; p < len; ++p) hr[p] = an[p] * gr[p];
+            }
+          transpose_rows(h.data(), hs, NR, len, ht.data(), hts);
+          const T* hd = h.data();
+          T* dxc = dx0 + p0;
+          int64_t j = 0;
+          for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          int64_t nr = 0;
+          for (; nr + 4 * V <= nrp; nr += 4 * V)
+            accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+          for (; nr < nrp; nr += V)
+            accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+        }
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[j * nrp + n * GC + r];
+    }
+  }
+}
+
+// Layout changes between an image (B, C, H, W) with arbitrary strides (NCHW or channels-last) and the kernels'
+// flat planes (B, C, plane): pixel (y, x) sits at base + y·row + x. Positions without a pixel are zero after
+// pack. Channels-last images are transposed in lanes×lanes register tiles (torch's transposing copy is several
+// times slower).
+struct Image {
+  int64_t batch, channels, height, width, sb, sc, sh, sw;
+};
+
 
 // One image row <-> one row of every plane.
 template <typename T, bool ToPlanes>

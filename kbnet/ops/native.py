@@ -7,6 +7,10 @@ Its OpenMP runtime resolves to the ``libgomp.so.1`` torch has already loaded, so
 The library is cached under ``$KBNET_CACHE_DIR`` (default ``~/.cache/kbnet``), keyed by a hash of the source, the
 compiler, the flags and the CPU. When no compiler works, ``available()`` is False and ``unavailable_reason()``
 says why; ``kbnet.ops.kba`` then uses its pure-PyTorch implementation.
+
+The instruction set follows the build target (``instruction_sets()``): 64-byte vectors where it has AVX-512, else
+32-byte (AVX2); with AVX512_BF16 also bf16 kernels (``vdpbf16ps``, float32 sums), so ``native_dtypes()`` gains
+bfloat16 and bf16 autocast computes KBA in bf16 (``compute_dtype``).
 """
 
 from __future__ import annotations
