@@ -237,18 +237,19 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     if autocast:
         dtype = torch.get_autocast_dtype(device)
-        native_compute = native.compute_dtype(dtype)
-        compute = native_compute if impl in ("auto", "native") and native.supports(x, groups, native_compute) \
-            else dtype
+        compute = dtype
+        if impl in ("auto", "native") and device == "cpu":
+            native_compute = native.compute_dtype(dtype)
+            compute = native_compute if native.supports(x, groups, native_compute) else dtype
     else:
         dtype = compute = torch.promote_types(torch.promote_types(x.dtype, att.dtype),
                                               torch.promote_types(weight.dtype, bias.dtype))
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
-        chosen = _resolve(impl, x.to(compute), groups)
+        x = x.to(compute)
+        chosen = _resolve(impl, x, groups)
         # The native bf16 kernels take the bases in their own dtype: rounded inside, gradients summed in float32.
         bases = chosen == "native" and compute == torch.bfloat16
-        operands = (x.to(compute), att.to(compute), weight if bases else weight.to(compute),
-                    bias if bases else bias.to(compute))
+        operands = (x, att.to(compute), weight if bases else weight.to(compute), bias if bases else bias.to(compute))
         if chosen == "reference":
             out = kba_reference(*operands, kernel_size, groups)
         else:
