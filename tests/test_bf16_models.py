@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kbnet.imageio import read_image, write_image
 from kbnet.inference import Restorer
 from kbnet.models import create_model
 from kbnet.ops import native
+from kbnet.restore import main
+from tests.test_inference_helpers import save_project_checkpoint
 from tests.test_lit_modules import NET_CONFIG, RECIPE, DeblurModule, PairsData, fit, tiny_net
 
 TINY = {"kbnet_s_tiny": {"width": 8}, "kbnet_l_tiny": {}}
@@ -101,3 +104,23 @@ def test_bf16_mixed_training_uses_the_bf16_kernels(tmp_path: Path, kba_dtypes):
                   val_check_interval=1, precision="bf16-mixed")
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert kba_dtypes.count(torch.bfloat16) >= 2 and torch.float32 not in kba_dtypes  # forward and backward
+
+
+def test_restore_cli_precision_bf16_on_the_cpu(tmp_path: Path, kba_dtypes):
+    """``kbnet-restore --precision bf16`` (and its short form ``--bf16``) restores with the bf16 kernels, matching
+    the bf16 Restorer exactly and float32 within 1e-2."""
+    require_bf16()
+    ckpt = tmp_path / "tiny.ckpt"
+    net = save_project_checkpoint(ckpt, "kbnet_s_tiny", width=8)
+    pixels = smooth_image(32)[0].permute(1, 2, 0).numpy()
+    src = tmp_path / "photo.tif"
+    write_image(src, pixels, bit_depth=16)
+    x = torch.from_numpy(read_image(src).pixels.transpose(2, 0, 1).copy())[None].float()
+    expected = Restorer(net, precision="bf16", tile=None)(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    for i, flag in enumerate((["--precision", "bf16"], ["--bf16"])):
+        kba_dtypes.clear()
+        out_dir = tmp_path / f"out{i}"
+        assert main([str(src), "-c", str(ckpt), "-o", str(out_dir), "-q", "--device", "cpu", *flag]) == 0
+        restored = read_image(out_dir / "photo.tif").pixels
+        assert abs(restored - expected).max() <= 1 / 65535
+        assert kba_dtypes and set(kba_dtypes) == {torch.bfloat16}
