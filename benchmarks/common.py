@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kbnet.ops import native
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_METHOD = ("peak RSS above the RSS before the call (Linux VmHWM reset through /proc/self/clear_refs), one fresh "
@@ -52,11 +55,54 @@ def time_calls(fns: dict[str, Callable[[], object]], repeats: int, warmup: int =
             for name, runs in samples.items()}
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """The machine's measured rate on a large float32 matrix product: the practical compute ceiling."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    timing = time_calls({"mm": lambda: a @ b}, repeats)["mm"]
-    return 2 * size**3 / timing.wall / 1e9
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def matmul_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a large matrix product per dtype (float32, bfloat16), interleaved: the compute ceiling of each
+    dtype (bf16 runs on oneDNN's AVX512_BF16 or AMX code where the CPU has it, else emulated)."""
+    pairs = {name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
+             for name, dtype in MATMUL_DTYPES.items()}
+    timing = time_calls({name: (lambda a=a, b=b: a @ b) for name, (a, b) in pairs.items()}, repeats)
+    return {name: 2 * size**3 / t.wall / 1e9 for name, t in timing.items()}
+
+
+CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512_BF16", "amx_tile": "AMX",
+                "amx_bf16": "AMX-BF16"}
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_instruction_sets() -> list[str]:
+    """The vector/matrix instruction sets of this CPU that matter here (from /proc/cpuinfo)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [label for flag, label in CPU_FEATURES.items() if flag in flags]
+
+
+def bf16_kernels() -> bool:
+    """Whether KBA has bf16 kernels on this machine (else bf16 autocast computes KBA in float32)."""
+    return torch.bfloat16 in native.native_dtypes()
+
+
+def floor_seconds(flops: float, gflops: float) -> float:
+    """The time ``flops`` would take at a rate of ``gflops``: the floor of a run at the matmul rate."""
+    return flops / (gflops * 1e9)
+
+
+def percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f} %" if whole > 0 else "n/a"
 
 
 def _memory_status() -> dict[str, int]:
@@ -109,6 +155,9 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b > 0 else "n/a"
 
 
-def machine_line(threads: int, mm_gflops: float) -> str:
-    return (f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); float32 matmul: "
-            f"{mm_gflops:.0f} GFLOP/s")
+def machine_line(threads: int, rates: dict[str, float]) -> str:
+    """CPU, its instruction sets, the KBA kernels' instruction sets and the matmul rates of the run."""
+    kernels = ", ".join(native.instruction_sets()) or f"unavailable: {native.unavailable_reason()}"
+    mm = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+    return (f"{cpu_model()} ({', '.join(cpu_instruction_sets()) or 'no AVX2'}; KBA kernels: {kernels}), torch "
+            f"{torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); matmul GFLOP/s: {mm}")

@@ -6,7 +6,9 @@
 For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the
 forward pass and forward+backward (gradients of all four inputs), interleaving the implementations, and measures
 their peak memory in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means
-ours is faster or leaner.
+ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16); its rates
+are given as a share of the matmul rate of the same dtype, measured in the same run (FLOPs: the official
+formulation's MACs ×2, a forward+backward counted as 3× the forward).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import torch
 
 from benchmarks.common import (
     MEMORY_METHOD,
+    bf16_kernels,
     machine_line,
     markdown_table,
-    matmul_gflops,
+    matmul_rates,
     memory_supported,
     mib,
     ms,
     peak_bytes,
+    percent,
     ratio,
     run_worker,
     time_calls,
@@ -72,8 +76,11 @@ LEVELS = {  # per backbone: channels per group, then (level, channels entering K
 QUICK_LEVELS = {"KBNet_s": (4, [("L1/8", 8, 1), ("L2/8", 16, 2)]), "KBNet_l": (2, [("L1/8", 18, 1)])}
 
 
-def cases(quick: bool) -> list[Case]:
-    levels, sizes, batches = (QUICK_LEVELS, (32,), (1, 2)) if quick else (LEVELS, (128, 256), (1, 2))
+SIZES = (128, 256)
+
+
+def cases(quick: bool, sizes: Sequence[int] = SIZES) -> list[Case]:
+    levels, sizes, batches = (QUICK_LEVELS, (32,), (1, 2)) if quick else (LEVELS, sizes, (1, 2))
     return [Case(net, level, c, gc, scale, size, batch)
             for net, (gc, net_levels) in levels.items() for level, c, scale in net_levels
             for size in sizes for batch in batches]
@@ -88,16 +95,22 @@ def inputs(case: Case, requires_grad: bool) -> list[torch.Tensor]:
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-def step(case: Case, impl: str, backward: bool, tensors: list[torch.Tensor], grad: torch.Tensor):
-    """The measured call: forward only (no graph) or forward and backward."""
+BF16 = "bf16"
+"""The name of the variant that runs the subject implementation under bf16 autocast."""
+
+
+def step(case: Case, impl: str, backward: bool, tensors: list[torch.Tensor], grad: torch.Tensor, bf16: bool = False):
+    """The measured call: forward only (no graph) or forward and backward, optionally under bf16 autocast."""
     def run() -> None:
-        if backward:
-            for t in tensors:
-                t.grad = None
-            kba(*tensors, KERNEL, case.groups, impl=impl).backward(grad)
-        else:
-            with torch.no_grad():
-                kba(*tensors, KERNEL, case.groups, impl=impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if backward:
+                for t in tensors:
+                    t.grad = None
+                out = kba(*tensors, KERNEL, case.groups, impl=impl)
+                out.backward(grad.to(out.dtype))
+            else:
+                with torch.no_grad():
+                    kba(*tensors, KERNEL, case.groups, impl=impl)
     return run
 
 
@@ -114,7 +127,8 @@ def worker(payload: dict) -> dict:
     return {"peaks": peaks}
 
 
-def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, threads: int, memory: bool) -> list[dict]:
+def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, threads: int, memory: bool,
+            bf16: bool = False) -> list[dict]:
     peaks = {impl: run_worker("benchmarks.kba", {"impl": impl, "threads": threads,
                                                  "cases": [asdict(c) for c in selected]}, threads)["peaks"]
              for impl in impls} if memory else {}
@@ -124,28 +138,39 @@ def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, thread
         grad = torch.randn(case.batch, case.channels, case.size, case.size)
         row = {"case": case}
         for mode in ("fwd", "fwd+bwd"):
-            row[mode] = time_calls({impl: step(case, impl, mode == "fwd+bwd", tensors, grad) for impl in impls},
-                                   repeats)
+            variants = {impl: step(case, impl, mode == "fwd+bwd", tensors, grad) for impl in impls}
+            if bf16:
+                variants[BF16] = step(case, impls[0], mode == "fwd+bwd", tensors, grad, bf16=True)
+            row[mode] = time_calls(variants, repeats)
         row["peak"] = {impl: peaks[impl][i] for impl in peaks}
         results.append(row)
     return results
 
 
-def report(results: list[dict], impls: Sequence[str]) -> str:
+def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -> str:
     ours, ref = impls[0], impls[-1]
+    bf16 = BF16 in results[0]["fwd"] if results else False
     header = ["net", "level", "C/gc", "H×W", "B", "GMAC",
               f"fwd {ours} ms", f"fwd {ref} ms", "fwd ×", f"f+b {ours} ms", f"f+b {ref} ms", "f+b ×", "f+b CPU-time ×",
-              f"f+b peak {ours} MiB", f"f+b peak {ref} MiB", "memory ×", f"fwd peak {ours} MiB", f"fwd peak {ref} MiB"]
+              f"f+b peak {ours} MiB", f"f+b peak {ref} MiB", "memory ×", f"fwd peak {ours} MiB", f"fwd peak {ref} MiB",
+              f"fwd {ours} % fp32 mm", f"f+b {ours} % fp32 mm"]
+    header += ["bf16 fwd ms", "bf16 f+b ms", "fp32/bf16 fwd ×", "bf16 fwd % bf16 mm", "bf16 f+b % bf16 mm"] * bf16
     rows = []
     for r in results:
         c, fwd, fb, peak = r["case"], r["fwd"], r["fwd+bwd"], r["peak"]
         mem = [mib(peak[ours]["fwd+bwd"]), mib(peak[ref]["fwd+bwd"]),
                ratio(peak[ref]["fwd+bwd"], peak[ours]["fwd+bwd"]),
                mib(peak[ours]["fwd"]), mib(peak[ref]["fwd"])] if peak else ["n/a"] * 5
-        rows.append([c.net, c.level, f"{c.channels}/{c.group_channels}", f"{c.size}²", c.batch, f"{c.gmacs:.2f}",
-                     ms(fwd[ours].wall), ms(fwd[ref].wall), ratio(fwd[ref].wall, fwd[ours].wall),
-                     ms(fb[ours].wall), ms(fb[ref].wall), ratio(fb[ref].wall, fb[ours].wall),
-                     ratio(fb[ref].cpu, fb[ours].cpu), *mem])
+        def share(timing, factor: int, dtype: str, gmacs: float = c.gmacs) -> str:
+            return percent(factor * 2 * gmacs / timing.wall, rates[dtype])
+        row = [c.net, c.level, f"{c.channels}/{c.group_channels}", f"{c.size}²", c.batch, f"{c.gmacs:.2f}",
+               ms(fwd[ours].wall), ms(fwd[ref].wall), ratio(fwd[ref].wall, fwd[ours].wall),
+               ms(fb[ours].wall), ms(fb[ref].wall), ratio(fb[ref].wall, fb[ours].wall),
+               ratio(fb[ref].cpu, fb[ours].cpu), *mem, share(fwd[ours], 1, "float32"), share(fb[ours], 3, "float32")]
+        if bf16:
+            row += [ms(fwd[BF16].wall), ms(fb[BF16].wall), ratio(fwd[ours].wall, fwd[BF16].wall),
+                    share(fwd[BF16], 1, "bfloat16"), share(fb[BF16], 3, "bfloat16")]
+        rows.append(row)
     return markdown_table(header, rows)
 
 
@@ -157,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--impls", default="auto,reference",
                         help=f"comma-separated implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="input sizes whose per-level shapes are measured (default: 128 256)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -169,12 +197,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 5)
     memory = not args.no_memory and memory_supported()
-    results = measure(cases(args.quick), impls, repeats, args.threads, memory)
-    mm = matmul_gflops(1024 if args.quick else 2048)
-    print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32. {machine_line(args.threads, mm)}. "
+    bf16 = not args.no_bf16 and bf16_kernels()
+    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, memory, bf16)
+    rates = matmul_rates(1024 if args.quick else 2048)
+    bf16_note = (f"bf16: {impls[0]} under bf16 autocast (bf16 kernels, float32 sums)" if bf16 else
+                 "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
+    print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
+          f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "
           f"Peak memory: {MEMORY_METHOD if memory else 'not measured'}.\n")
-    print(report(results, impls))
+    print(report(results, impls, rates))
 
 
 if __name__ == "__main__":

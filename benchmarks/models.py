@@ -24,9 +24,11 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     MEMORY_METHOD,
+    bf16_kernels,
+    floor_seconds,
     machine_line,
     markdown_table,
-    matmul_gflops,
+    matmul_rates,
     memory_supported,
     mib,
     ms,
@@ -50,23 +52,24 @@ def build(name: str) -> torch.nn.Module:
     return create_model(name)
 
 
-def inference(model: torch.nn.Module, impl: str, size: int):
+def inference(model: torch.nn.Module, impl: str, size: int, bf16: bool = False):
     x = torch.rand(1, 3, size, size)
 
     def run() -> None:
-        with torch.no_grad(), use_kba(impl):
+        with torch.no_grad(), use_kba(impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x)
     return run
 
 
-def training_step(model: torch.nn.Module, impl: str, size: int):
+def training_step(model: torch.nn.Module, impl: str, size: int, bf16: bool = False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.rand(TRAIN_BATCH, 3, size, size), torch.rand(TRAIN_BATCH, 3, size, size)
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with use_kba(impl):
-            F.l1_loss(model(x), y).backward()
+        with use_kba(impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.l1_loss(model(x).float(), y)
+        loss.backward()
         optimizer.step()
     return run
 
@@ -113,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verify-size", type=int, nargs="*", default=[],
                         help="also measure the subject's peak restoring one image of this side (slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -126,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     memory = not args.no_memory and memory_supported()
-    mm = matmul_gflops(1024 if args.quick else 2048)
+    rates = matmul_rates(1024 if args.quick else 2048)
+    mm = rates["float32"]
+    bf16 = not args.no_bf16 and bf16_kernels()
     budget = int(args.budget_gb * 2**30)
     ours, ref = impls[0], impls[-1]
 
@@ -137,15 +143,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         for task, size, batch in (("inference", setup["infer"], 1), ("train step", setup["train"], TRAIN_BATCH)):
             model.train(task != "inference")
             make = inference if task == "inference" else training_step
-            timing = time_calls({impl: make(model, impl, size) for impl in impls}, repeats)
+            variants = {impl: make(model, impl, size) for impl in impls}
+            if bf16:
+                variants["bf16"] = make(model, ours, size, bf16=True)
+            timing = time_calls(variants, repeats)
             flops = 2 * count_macs(model, (3, size, size), include_matmul=True) * batch * (1 if task == "inference"
                                                                                             else 3)
-            floor = flops / (mm * 1e9)
+            floor = floor_seconds(flops, mm)
             speed_rows.append([name, task, f"{size}²×{batch}", f"{flops / 1e9:.0f}",
                                ms(timing[ours].wall), ms(timing[ref].wall), ratio(timing[ref].wall, timing[ours].wall),
                                ratio(timing[ref].cpu, timing[ours].cpu),
                                f"{flops / timing[ours].wall / 1e9:.1f}", f"{flops / timing[ref].wall / 1e9:.1f}",
-                               ms(floor), ratio(timing[ours].wall, floor)])
+                               ms(floor), ratio(timing[ours].wall, floor)]
+                              + ([ms(timing["bf16"].wall), ratio(timing[ours].wall, timing["bf16"].wall),
+                                  ms(floor_seconds(flops, rates["bfloat16"])),
+                                  ratio(timing["bf16"].wall, floor_seconds(flops, rates["bfloat16"]))] if bf16 else []))
         if memory:
             peaks = {impl: run_worker("benchmarks.models", {
                 "model": name, "impl": impl, "threads": args.threads, "fit": setup["fit"], "train": setup["train"],
@@ -163,11 +175,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ", ".join(f"{s}²: {(weights + p) / 2**30:.2f} GiB" for s, p in peaks[ours]["verify"].items()) or "-"])
         del model
 
-    print(f"Backbones, float32. {machine_line(args.threads, mm)}. Times: median of {repeats} wall-clock runs, "
+    bf16_note = (f"bf16: {ours} under bf16 autocast, floor at the bf16 matmul rate" if bf16 else
+                 "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
+    print(f"Backbones, float32. {machine_line(args.threads, rates)}. Times: median of {repeats} wall-clock runs, "
           f"variants interleaved; × = {ref} / {ours} (CPU-time × uses the process CPU time, less sensitive to other "
-          f"load); floor = FLOPs at the matmul rate.\n")
+          f"load); floor = FLOPs at the float32 matmul rate. {bf16_note}.\n")
     print(markdown_table(["model", "task", "input", "GFLOP", f"{ours} ms", f"{ref} ms", "×", "CPU-time ×",
-                          f"{ours} GFLOP/s", f"{ref} GFLOP/s", "floor ms", f"{ours} / floor"], speed_rows))
+                          f"{ours} GFLOP/s", f"{ref} GFLOP/s", "floor ms", f"{ours} / floor"]
+                         + ["bf16 ms", "fp32/bf16 ×", "bf16 floor ms", "bf16 / floor"] * bf16, speed_rows))
     if memory:
         print(f"\nPeak memory ({MEMORY_METHOD}); largest square image restored in one piece within "
               f"{args.budget_gb:g} GiB = weights + working memory, extrapolated linearly from the inference peaks "

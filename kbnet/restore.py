@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self-ensemble", action="store_true",
                         help="average the 8 flips/rotations (8x slower, usually a little better)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: bfloat16 autocast, on CUDA or a CPU with AVX512_BF16 (default fp32)")
+    parser.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
+                        help="the same as --precision bf16")
     parser.add_argument("--convert-channels", action="store_true",
                         help="convert gray inputs for a colour model (and the reverse) instead of refusing them")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -255,7 +258,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     device = resolve_device(args.device)
     loaded = load_model(args.checkpoint, preset=args.model, weights=args.weights)
     budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
-    restorer = Restorer(loaded.model, device=device, precision="bf16" if args.bf16 else "fp32", tile=args.tile,
+    restorer = Restorer(loaded.model, device=device, precision=args.precision, tile=args.tile,
                         tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble, max_memory_bytes=budget)
     if not args.quiet:
         console.print(f"model: {loaded.source}; device {device}", soft_wrap=True, highlight=False)

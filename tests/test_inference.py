@@ -33,6 +33,7 @@ from kbnet.inference import restorer as restorer_module
 from kbnet.inference.memory import RUNTIME_BYTES, SAFETY_FACTOR, MemoryProfile, host_bytes, quick_upper_bound
 from kbnet.inference.tiling import official_pad, window_weights
 from kbnet.models import WeightLoadError
+from kbnet.ops import native
 from tests.test_inference_helpers import outputs_equal, save_official_checkpoint, save_project_checkpoint, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
@@ -314,10 +315,12 @@ def test_restorer_self_ensemble_averages_the_eight_passes():
     torch.testing.assert_close(Restorer(net, tile=None, self_ensemble=True)(x), expected, rtol=0, atol=1e-6)
 
 
-def test_restorer_rejects_bad_settings_and_inputs():
+def test_restorer_rejects_bad_settings_and_inputs(monkeypatch):
     net = tiny_model()
-    with pytest.raises(ValueError, match="CUDA only"):
-        Restorer(net, precision="bf16")
+    with monkeypatch.context() as mp:  # a CPU without bf16 kernels
+        mp.setattr(native, "native_dtypes", lambda: native.FLOAT_DTYPES)
+        with pytest.raises(ValueError, match="AVX512_BF16"):
+            Restorer(net, precision="bf16")
     with pytest.raises(ValueError, match="fixed tile size"):
         Restorer(net, tile="auto", tile_mode="official")
     with pytest.raises(ValueError, match="3-channel"):

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import kba as kba_benchmark
 from benchmarks import models as models_benchmark
-from benchmarks.common import memory_supported
+from benchmarks.common import bf16_kernels, cpu_model, memory_supported
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +30,12 @@ def test_kba_benchmark_quick(capsys):
     rows = table_rows(out, "KBNet_")
     assert len(rows) == len(kba_benchmark.cases(quick=True)) == 6
     assert all(re.fullmatch(r"\d+\.\d\d×", row[11]) for row in rows)  # forward+backward speed-up
+    assert all(re.fullmatch(r"\d+ %", cell) for row in rows for cell in row[18:20])  # share of the fp32 matmul rate
+    assert cpu_model() in out and "matmul GFLOP/s: float32" in out and ", bfloat16" in out
+    if bf16_kernels():
+        assert all(len(row) == 25 and re.fullmatch(r"\d+ %", row[24]) for row in rows)
+    else:
+        assert all(len(row) == 20 for row in rows) and "no AVX512_BF16" in out
     if memory_supported():
         assert "VmHWM" in out
         assert all(float(row[14]) > 0 for row in rows)  # the reference's peak is never zero
@@ -41,6 +47,7 @@ def test_models_benchmark_quick(capsys):
     speed = table_rows(out, "kbnet_")
     assert [(row[0], row[1]) for row in speed[:4]] == [("kbnet_s_tiny", "inference"), ("kbnet_s_tiny", "train step"),
                                                        ("kbnet_l_tiny", "inference"), ("kbnet_l_tiny", "train step")]
+    assert all(len(row) == (16 if bf16_kernels() else 12) for row in speed[:4])  # bf16 time, ratio and floor
     if memory_supported():
         memory = speed[4:]
         assert [row[0] for row in memory] == ["kbnet_s_tiny", "kbnet_l_tiny"]

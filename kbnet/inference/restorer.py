@@ -28,6 +28,7 @@ from kbnet.inference.memory import (
 )
 from kbnet.inference.padding import pad_to_multiple
 from kbnet.inference.tiling import TileCallback, blended_forward, official_tiled_forward
+from kbnet.ops import native
 
 TileMode = Literal["blend", "official"]
 Precision = Literal["fp32", "bf16"]
@@ -53,8 +54,9 @@ class Restorer:
     Args:
         model: backbone mapping (B, C, H, W) in [0, 1] to the same shape.
         device: where the network runs; inputs and outputs stay on the host.
-        precision: ``fp32``, or ``bf16`` autocast (CUDA only; KBNet is not float16-safe: spandrel, which
-            ships KBNet, marks it half-unsafe and bfloat16-safe).
+        precision: ``fp32``, or ``bf16`` autocast (CUDA, or a CPU with AVX512_BF16, where KBA runs in the bf16
+            kernels; KBNet is not float16-safe: spandrel, which ships KBNet, marks it half-unsafe and
+            bfloat16-safe).
         tile: ``"auto"`` tiles only when the image would exceed ``max_memory_bytes``; ``None``/0 never tiles; an
             integer tiles at that size (rounded down to the model's size multiple in blend mode).
         tile_overlap: pixels shared by neighbouring tiles (blend) or the centre-crop margin (official).
@@ -79,8 +81,9 @@ class Restorer:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.precision == "bf16" and self.device.type != "cuda":
-            raise ConfigError("bf16 autocast is offered on CUDA only; use fp32 on the CPU")
+        if self.precision == "bf16" and self.device.type == "cpu" and torch.bfloat16 not in native.native_dtypes():
+            raise ConfigError(f"bf16 on the CPU needs the AVX512_BF16 instructions, which this CPU's KBA kernels lack "
+                              f"(built for {native.instruction_sets() or native.unavailable_reason()}); use fp32")
         if self.tile_mode not in ("blend", "official"):
             raise ConfigError(f"tile_mode must be blend or official, got {self.tile_mode!r}")
         if self.tile == AUTO and self.tile_mode == "official":

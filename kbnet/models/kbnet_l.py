@@ -16,6 +16,7 @@ from kbnet.models.layers import (
     is_channels_last,
     kernel_bases,
     pad_to_multiple,
+    scaled_add,
     to_channels_last,
 )
 
@@ -54,9 +55,9 @@ class MFF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The KBA branch first and the spatial branch inline: fewer full-size maps are alive at once (the peak
         # memory of a large image).
-        att = torch.addcmul(self.conv211(x), self.conv2(x), self.attgamma)
+        att = scaled_add(self.conv211(x), self.conv2(x), self.attgamma)
         uf = self.conv1(x)
-        x2 = torch.addcmul(uf, self.kba(uf, att, self.w, self.b), self.ga1)
+        x2 = scaled_add(uf, self.kba(uf, att, self.w, self.b), self.ga1)
         del att, uf
         return self.project_out(F.gelu(self.dwconv(x)) * x2 * self.sca(x))
 

@@ -15,6 +15,7 @@ from kbnet.models.layers import (
     kernel_bases,
     pad_to_multiple,
     scale_parameter,
+    scaled_add,
     to_channels_last,
 )
 
@@ -69,13 +70,13 @@ class KBBlockS(nn.Module):
         x = self.norm1(inp)
         sca = self.sca(x)
         x1 = self.conv11(x)
-        att = torch.addcmul(self.conv211(x), self.conv2(x), self.attgamma)
+        att = scaled_add(self.conv211(x), self.conv2(x), self.attgamma)
         uf = self.conv21(self.conv1(x))
-        x = torch.addcmul(uf, self.kba(uf, att, self.w, self.b), self.ga1)
+        x = scaled_add(uf, self.kba(uf, att, self.w, self.b), self.ga1)
         x = self.conv3(x * x1 * sca)
-        y = torch.addcmul(inp, x, self.beta)
+        y = scaled_add(inp, x, self.beta)
         x = self.conv5(self.sg(self.conv4(self.norm2(y))))
-        return torch.addcmul(y, x, self.gamma)
+        return scaled_add(y, x, self.gamma)
 
 
 class KBNetS(nn.Module):

@@ -28,11 +28,27 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_channels_last(x):
             y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-            return y.permute(0, 3, 1, 2)
+            return _autocast_output(y.permute(0, 3, 1, 2))
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
         y = (x - mu) / torch.sqrt(var + self.eps)
-        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
+        return _autocast_output(self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1))
+
+
+def _autocast_output(y: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm's result in the autocast dtype: autocast normalises in float32 (the statistics need it), and every
+    consumer of the result is a convolution that would otherwise cast the same map down again, one copy each."""
+    device = y.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return y.to(torch.get_autocast_dtype(device))
+    return y
+
+
+def scaled_add(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x + y · scale`` for a learnable per-channel ``scale``, in the dtype of ``x`` and ``y``: under autocast a
+    bf16 branch stays bf16 (a float32 parameter would promote it, and the next convolution cast it back), while a
+    float32 residual stream plus a bf16 branch stays float32."""
+    return torch.addcmul(x, y, scale.to(torch.promote_types(x.dtype, y.dtype)))
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -15,20 +15,37 @@
 //   ap (B, N, Lo) coefficients · gp (B, C, Lo) grad_out · out (B, C, Lo)
 //   w (N, C·gc·k²) kernel bases and bias (N, C) in the official layout (per basis: out-channel, in-channel of the
 //   group, ky, kx), so the bases are read and their gradients written without any reordering copy.
-// Vectors are GCC vector extensions (32 bytes: 8 floats or 4 doubles), so the code is plain C++ for any target.
+// Vectors are GCC vector extensions (64 bytes with AVX-512, else 32), so the code is plain C++ for any target.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 namespace {
 
-template <typename T> struct VecOf;
-template <> struct VecOf<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct VecOf<double> { typedef double type __attribute__((vector_size(32))); };
-template <typename T> using Vec = typename VecOf<T>::type;
-template <typename T> constexpr int kLanes = 32 / sizeof(T);
+// The kernels' vector: a full AVX-512 register where the build targets AVX-512 (twice the lanes and 32 instead of
+// 16 registers, so the blockings below grow with kRegisters), else 32 bytes (AVX2). The instruction set is the
+// build's: the library is compiled with -march=native on the machine that runs it.
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64;
+constexpr int kRegisters = 32;
+#else
+constexpr int kVecBytes = 32;
+constexpr int kRegisters = 16;
+#endif
+template <typename T, int Bytes> struct VecOf {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+template <typename T> using Vec = typename VecOf<T, kVecBytes>::type;
+template <typename T> constexpr int kLanes = kVecBytes / sizeof(T);
+// The layout copies transpose in 32-byte tiles on every target (8×8 floats, 4×4 doubles).
+template <typename T> using Tile = typename VecOf<T, 32>::type;
+template <typename T> constexpr int kTileLanes = 32 / sizeof(T);
 
 // Positions per chunk of the grad_x / grad_w kernel: one sweep of either part then reads 16 KB of a·g products,
 // which stay in L1 for the next taps.
@@ -38,6 +55,8 @@ template <typename T> constexpr int64_t kLineFloats = 64 / sizeof(T);
 
 template <typename T> inline Vec<T> load(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
+template <typename T> inline Tile<T> load_tile(const T* p) { Tile<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T> inline void store_tile(T* p, Tile<T> v) { std::memcpy(p, &v, sizeof v); }
 // s - 0 is s for every s (s + 0 is not: -0 + 0 = +0), so this folds to a single broadcast from memory.
 template <typename T> inline Vec<T> splat(T s) { return s - Vec<T>{}; }
 
@@ -95,18 +114,63 @@ inline void apply_bases(const T* x0, const int64_t* off, const Dims& d, const T*
   }
 }
 
-// Register blocking: NB bases × gc rows × PB position vectors = 12 basis accumulators (enough to hide the FMA
-// latency) plus PB inputs and a broadcast fill the 16 vector registers; the mixing accumulators spill, they are
-// touched once per NB bases. Shorter blocks finish each range, single bases finish an odd nset.
-constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
-constexpr int blocking(int gc) { return gc <= 4 ? 3 : 1; }
+// bf16 operands (AVX512_BF16): the neighbourhood and the bases hold pairs of consecutive in-channels s = 2·s2,
+// 2·s2 + 1 of a group in one 32-bit value (the even channel in the low half), so one vdpbf16ps multiplies 16
+// positions × 2 channels and accumulates both products in float32; a pair-tap j2 = (s2, ky, kx) replaces two taps.
+// Coefficients, grad_out, biases, accumulators and results stay float32.
+struct Bf16Pair {
+  uint32_t bits;
+};
+template <typename X> constexpr int kChannelsPer = std::is_same<X, Bf16Pair>::value ? 2 : 1;
 
+#ifdef __AVX512BF16__
 template <typename T, int NB, int GC, int PB>
-inline void forward_bases(const T* x0, const T* a0, const T* w, const T* bias, const int64_t* off, const Dims& d,
+inline void apply_bases(const Bf16Pair* x0, const int64_t* off, const Dims& d, const Bf16Pair* wn, const float* bn,
+                        int64_t p, Vec<float> (&tk)[NB][GC][PB]) {
+  static_assert(std::is_same<T, float>::value && kLanes<float> == 16, "bf16 pairs accumulate in 16 float lanes");
+  const int64_t J = d.taps() / 2, S = d.channels * J;
+  __m512 acc[NB][GC][PB];
+  for (int m = 0; m < NB; ++m)
+    for (int r = 0; r < GC; ++r)
+      for (int i = 0; i < PB; ++i) acc[m][r][i] = _mm512_set1_ps(bn[m * d.channels + r]);
+  for (int64_t j = 0; j < J; ++j) {
+    const Bf16Pair* xj = x0 + off[j] + p;
+    __m512bh u[PB];
+    for (int i = 0; i < PB; ++i) u[i] = (__m512bh)_mm512_loadu_si512(xj + i * 16);
+    for (int m = 0; m < NB; ++m)
+      for (int r = 0; r < GC; ++r) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(wn[m * S + r * J + j].bits));
+        for (int i = 0; i < PB; ++i) acc[m][r][i] = _mm512_dpbf16_ps(acc[m][r][i], u[i], w);
+      }
+  }
+  for (int m = 0; m < NB; ++m)
+    for (int r = 0; r < GC; ++r)
+      for (int i = 0; i < PB; ++i) tk[m][r][i] = (Vec<float>)acc[m][r][i];
+}
+#endif
+
+// Register blocking: NB bases × gc rows × PB position vectors = 12 basis accumulators with 16 registers, 24 with 32
+// (enough to hide the FMA latency), plus PB inputs and a broadcast fill the vector registers; the mixing
+// accumulators spill, they are touched once per NB bases. Shorter blocks finish each range, single bases finish an
+// odd nset.
+constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
+constexpr int blocking(int gc) { return kRegisters == 32 ? (gc <= 4 ? 6 : 3) : (gc <= 4 ? 3 : 1); }
+// The same budget for grad_x (kTapBlock taps × kScatterBlock position vectors) and grad_w (kRowTaps taps × 4
+// vectors of basis rows).
+constexpr int kScatterBlock = kRegisters == 32 ? 6 : 3;
+constexpr int kRowTaps = kRegisters == 32 ? 6 : 3;
+
+// Where the bases n.. of group q start in w: per basis C rows of taps()/kChannelsPer values.
+template <typename X, int GC> inline const X* bases_of(const X* w, const Dims& d, int64_t n, int64_t q) {
+  const int64_t J = d.taps() / kChannelsPer<X>;
+  return w + n * d.channels * J + q * GC * J;
+}
+
+template <typename T, typename X, int NB, int GC, int PB>
+inline void forward_bases(const X* x0, const T* a0, const X* w, const T* bias, const int64_t* off, const Dims& d,
                           int64_t q, int64_t p, int64_t n, Vec<T> (&acc)[GC][PB]) {
   Vec<T> tk[NB][GC][PB];
-  apply_bases<T, NB, GC, PB>(x0, off, d, w + n * d.basis_size() + q * GC * d.taps(),
-                             bias + n * d.channels + q * GC, p, tk);
+  apply_bases<T, NB, GC, PB>(x0, off, d, bases_of<X, GC>(w, d, n, q), bias + n * d.channels + q * GC, p, tk);
   for (int m = 0; m < NB; ++m)
     for (int i = 0; i < PB; ++i) {
       const Vec<T> a = load(a0 + (n + m) * d.len + p + i * kLanes<T>);
@@ -114,20 +178,21 @@ inline void forward_bases(const T* x0, const T* a0, const T* w, const T* bias, c
     }
 }
 
-template <typename T, int GC, int PB>
-inline void forward_block(const T* x0, const T* a0, const T* w, const T* bias, T* o0, const int64_t* off,
+template <typename T, typename X, int GC, int PB>
+inline void forward_block(const X* x0, const T* a0, const X* w, const T* bias, T* o0, const int64_t* off,
                           const Dims& d, int64_t q, int64_t p) {
   constexpr int NB = bases_per_pass(GC);
   Vec<T> acc[GC][PB] = {};
   int64_t n = 0;
-  for (; n + NB <= d.nset; n += NB) forward_bases<T, NB, GC, PB>(x0, a0, w, bias, off, d, q, p, n, acc);
-  for (; n < d.nset; ++n) forward_bases<T, 1, GC, PB>(x0, a0, w, bias, off, d, q, p, n, acc);
+  for (; n + NB <= d.nset; n += NB) forward_bases<T, X, NB, GC, PB>(x0, a0, w, bias, off, d, q, p, n, acc);
+  for (; n < d.nset; ++n) forward_bases<T, X, 1, GC, PB>(x0, a0, w, bias, off, d, q, p, n, acc);
   for (int r = 0; r < GC; ++r)
     for (int i = 0; i < PB; ++i) store(o0 + r * d.len + p + i * kLanes<T>, acc[r][i]);
 }
 
-template <typename T, int GC>
-void forward(const T* xp, const int64_t* off, const T* ap, const T* w, const T* bias, T* out, const Dims& d,
+// xp and w hold T values or bf16 pairs (X = Bf16Pair, chan_stride then counts pairs).
+template <typename T, int GC, typename X = T>
+void forward(const X* xp, const int64_t* off, const T* ap, const X* w, const T* bias, T* out, const Dims& d,
              int64_t parts, int threads) {
   constexpr int PB = blocking(GC);
   const int64_t G = d.groups();
@@ -136,22 +201,22 @@ void forward(const T* xp, const int64_t* off, const T* ap, const T* w, const T* 
     const int64_t b = t / (G * parts), q = t / parts % G;
     int64_t begin, end;
     range_of<T>(t % parts, parts, d.len, begin, end);
-    const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+    const X* x0 = xp + (b * d.channels + q * GC) / kChannelsPer<X> * d.chan_stride;
     const T* a0 = ap + b * d.nset * d.len;
     T* o0 = out + (b * d.channels + q * GC) * d.len;
     int64_t p = begin;
-    for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>) forward_block<T, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
-    for (; p < end; p += kLanes<T>) forward_block<T, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
+    for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
+      forward_block<T, X, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
+    for (; p < end; p += kLanes<T>) forward_block<T, X, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
   }
 }
 
-template <typename T, int NB, int GC, int PB>
-inline void grad_att_bases(const T* x0, const T* g0, const T* w, const T* bias, T* d0, const int64_t* off,
+template <typename T, typename X, int NB, int GC, int PB>
+inline void grad_att_bases(const X* x0, const T* g0, const X* w, const T* bias, T* d0, const int64_t* off,
                            const Dims& d, int64_t q, int64_t p, int64_t n) {
   constexpr int V = kLanes<T>;
   Vec<T> tk[NB][GC][PB];
-  apply_bases<T, NB, GC, PB>(x0, off, d, w + n * d.basis_size() + q * GC * d.taps(),
-                             bias + n * d.channels + q * GC, p, tk);
+  apply_bases<T, NB, GC, PB>(x0, off, d, bases_of<X, GC>(w, d, n, q), bias + n * d.channels + q * GC, p, tk);
   for (int m = 0; m < NB; ++m)
     for (int i = 0; i < PB; ++i) {
       T* dst = d0 + (n + m) * d.len + p + i * V;
@@ -161,20 +226,20 @@ inline void grad_att_bases(const T* x0, const T* g0, const T* w, const T* bias, 
     }
 }
 
-template <typename T, int GC, int PB>
-inline void grad_att_block(const T* x0, const T* g0, const T* w, const T* bias, T* d0, const int64_t* off,
+template <typename T, typename X, int GC, int PB>
+inline void grad_att_block(const X* x0, const T* g0, const X* w, const T* bias, T* d0, const int64_t* off,
                            const Dims& d, int64_t q, int64_t p) {
   constexpr int NB = bases_per_pass(GC);
   int64_t n = 0;
-  for (; n + NB <= d.nset; n += NB) grad_att_bases<T, NB, GC, PB>(x0, g0, w, bias, d0, off, d, q, p, n);
-  for (; n < d.nset; ++n) grad_att_bases<T, 1, GC, PB>(x0, g0, w, bias, d0, off, d, q, p, n);
+  for (; n + NB <= d.nset; n += NB) grad_att_bases<T, X, NB, GC, PB>(x0, g0, w, bias, d0, off, d, q, p, n);
+  for (; n < d.nset; ++n) grad_att_bases<T, X, 1, GC, PB>(x0, g0, w, bias, d0, off, d, q, p, n);
 }
 
 // datt[n,p] = Σ_q Σ_r g[q,r,p] · (bias[n,q,r] + Σ_j W[n,q,r,j]·u[q,j,p]). Tasks split the groups into `qblocks`
 // ranges, each summing into its own slice of `dpart` (qblocks, B, N, Lo; zero on entry), so no two threads
 // write the same value and small images still give every thread work.
-template <typename T, int GC>
-void grad_att(const T* xp, const int64_t* off, const T* gp, const T* w, const T* bias, T* dpart, const Dims& d,
+template <typename T, int GC, typename X = T>
+void grad_att(const X* xp, const int64_t* off, const T* gp, const X* w, const T* bias, T* dpart, const Dims& d,
               int64_t parts, int64_t qblocks, int threads) {
   constexpr int PB = blocking(GC);
   const int64_t G = d.groups(), per_qblock = (G + qblocks - 1) / qblocks;
@@ -185,12 +250,12 @@ void grad_att(const T* xp, const int64_t* off, const T* gp, const T* w, const T*
     range_of<T>(t % parts, parts, d.len, begin, end);
     T* d0 = dpart + (qb * d.batch + b) * d.nset * d.len;
     for (int64_t q = qb * per_qblock; q < std::min(G, (qb + 1) * per_qblock); ++q) {
-      const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+      const X* x0 = xp + (b * d.channels + q * GC) / kChannelsPer<X> * d.chan_stride;
       const T* g0 = gp + (b * d.channels + q * GC) * d.len;
       int64_t p = begin;
       for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
-        grad_att_block<T, GC, PB>(x0, g0, w, bias, d0, off, d, q, p);
-      for (; p < end; p += kLanes<T>) grad_att_block<T, GC, 1>(x0, g0, w, bias, d0, off, d, q, p);
+        grad_att_block<T, X, GC, PB>(x0, g0, w, bias, d0, off, d, q, p);
+      for (; p < end; p += kLanes<T>) grad_att_block<T, X, GC, 1>(x0, g0, w, bias, d0, off, d, q, p);
     }
   }
 }
@@ -221,7 +286,8 @@ inline void scatter_taps(const T* h, int64_t stride, int64_t len, int64_t nr_cou
                          T* dx0, bool accumulate) {
   constexpr int V = kLanes<T>;
   int64_t pb = 0;
-  for (; pb + 3 * V <= len; pb += 3 * V) scatter_block<T, JB, 3>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
+  for (; pb + kScatterBlock * V <= len; pb += kScatterBlock * V)
+    scatter_block<T, JB, kScatterBlock>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
   for (; pb < len; pb += V) scatter_block<T, JB, 1>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
 }
 
@@ -249,9 +315,64 @@ template <typename T, int NB>
 inline void accumulate_rows(const T* ht, int64_t stride, int64_t len, const T* x0, const int64_t* off, int64_t p0,
                             int64_t J, T* dwq, int64_t dw_stride) {
   int64_t j = 0;
+  for (; j + kRowTaps <= J; j += kRowTaps)
+    accumulate_taps<T, kRowTaps, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
   for (; j + 3 <= J; j += 3)
     accumulate_taps<T, 3, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
   for (; j < J; ++j) accumulate_taps<T, 1, NB>(ht, stride, len, x0, off + j, p0, dwq + j * dw_stride, dw_stride);
+}
+
+// Register-tile transposes (8×8 floats, 4×4 doubles) of the layout copies and of grad_w's a·g products.
+template <typename T> struct Transpose;
+template <> struct Transpose<float> {
+  typedef int Mask __attribute__((vector_size(32)));
+  static void run(Tile<float> (&r)[8]) {
+    Tile<float> t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 8, 1, 9, 4, 12, 5, 13});
+      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4)
+      for (int k = 0; k < 2; ++k) {
+        u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], Mask{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], Mask{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = __builtin_shuffle(u[i], u[i + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11});
+      r[i + 4] = __builtin_shuffle(u[i], u[i + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+  }
+};
+template <> struct Transpose<double> {
+  typedef long long Mask __attribute__((vector_size(32)));
+  static void run(Tile<double> (&r)[4]) {
+    Tile<double> t[4];
+    for (int i = 0; i < 4; i += 2) {
+      t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 4, 2, 6});
+      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{1, 5, 3, 7});
+    }
+    for (int i = 0; i < 2; ++i) {
+      r[i] = __builtin_shuffle(t[i], t[i + 2], Mask{0, 1, 4, 5});
+      r[i + 2] = __builtin_shuffle(t[i], t[i + 2], Mask{2, 3, 6, 7});
+    }
+  }
+};
+
+// rows (count × len, row stride `stride`) to columns: dst[p·dst_stride + i] = src[i·stride + p], in register tiles
+// where whole tiles fit, element by element for the rest.
+template <typename T>
+inline void transpose_rows(const T* src, int64_t stride, int64_t count, int64_t len, T* dst, int64_t dst_stride) {
+  constexpr int V = kTileLanes<T>;
+  const int64_t rows = count / V * V, cols = len / V * V;
+  for (int64_t i0 = 0; i0 < rows; i0 += V)
+    for (int64_t p0 = 0; p0 < cols; p0 += V) {
+      Tile<T> r[V];
+      for (int i = 0; i < V; ++i) r[i] = load_tile(src + (i0 + i) * stride + p0);
+      Transpose<T>::run(r);
+      for (int i = 0; i < V; ++i) store_tile(dst + (p0 + i) * dst_stride + i0, r[i]);
+    }
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t p = i < rows ? cols : 0; p < len; ++p) dst[p * dst_stride + i] = src[i * stride + p];
 }
 
 // One task per group q (all batch items): no two tasks write the same dxp or dw values, and the weight gradient
@@ -287,12 +408,13 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
         for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
           const int64_t len = std::min(chunk, Lo - p0);
           for (int64_t n = 0; n < N; ++n)
-            for (int r = 0; r < GC; ++r)
-              for (int64_t p = 0; p < len; ++p) {
-                const T v = a0[n * Lo + p0 + p] * g0[r * Lo + p0 + p];
-                h[(n * GC + r) * hs + p] = v;
-                ht[p * hts + n * GC + r] = v;
-              }
+            for (int r = 0; r < GC; ++r) {
+              T* hr = h.data() + (n * GC + r) * hs;
+              const T* an = a0 + n * Lo + p0;
+              const T* gr = g0 + r * Lo + p0;
+              for (int64_t p = 0; p < len; ++p) hr[p] = an[p] * gr[p];
+            }
+          transpose_rows(h.data(), hs, NR, len, ht.data(), hts);
           const T* hd = h.data();
           T* dxc = dx0 + p0;
           int64_t j = 0;
@@ -321,46 +443,12 @@ struct Image {
   int64_t batch, channels, height, width, sb, sc, sh, sw;
 };
 
-template <typename T> struct Transpose;
-template <> struct Transpose<float> {
-  typedef int Mask __attribute__((vector_size(32)));
-  static void run(Vec<float> (&r)[8]) {
-    Vec<float> t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 8, 1, 9, 4, 12, 5, 13});
-      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{2, 10, 3, 11, 6, 14, 7, 15});
-    }
-    for (int i = 0; i < 8; i += 4)
-      for (int k = 0; k < 2; ++k) {
-        u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], Mask{0, 1, 8, 9, 4, 5, 12, 13});
-        u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], Mask{2, 3, 10, 11, 6, 7, 14, 15});
-      }
-    for (int i = 0; i < 4; ++i) {
-      r[i] = __builtin_shuffle(u[i], u[i + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11});
-      r[i + 4] = __builtin_shuffle(u[i], u[i + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15});
-    }
-  }
-};
-template <> struct Transpose<double> {
-  typedef long long Mask __attribute__((vector_size(32)));
-  static void run(Vec<double> (&r)[4]) {
-    Vec<double> t[4];
-    for (int i = 0; i < 4; i += 2) {
-      t[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 4, 2, 6});
-      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{1, 5, 3, 7});
-    }
-    for (int i = 0; i < 2; ++i) {
-      r[i] = __builtin_shuffle(t[i], t[i + 2], Mask{0, 1, 4, 5});
-      r[i + 2] = __builtin_shuffle(t[i], t[i + 2], Mask{2, 3, 6, 7});
-    }
-  }
-};
 
 // One image row <-> one row of every plane.
 template <typename T, bool ToPlanes>
 inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t base, int64_t row, int64_t b,
                      int64_t y) {
-  constexpr int V = kLanes<T>;
+  constexpr int V = kTileLanes<T>;
   T* src = img + b * im.sb + y * im.sh;
   T* dst = planes + b * im.channels * plane + base + y * row;
   auto scalar = [&](int64_t c, int64_t x) {
@@ -375,12 +463,13 @@ inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t 
   const int64_t cv = im.channels / V * V, xv = im.width / V * V;
   for (int64_t c0 = 0; c0 < cv; c0 += V)
     for (int64_t x0 = 0; x0 < xv; x0 += V) {
-      Vec<T> r[V];
-      for (int i = 0; i < V; ++i) r[i] = ToPlanes ? load(src + (x0 + i) * im.sw + c0) : load(dst + (c0 + i) * plane + x0);
+      Tile<T> r[V];
+      for (int i = 0; i < V; ++i)
+        r[i] = ToPlanes ? load_tile(src + (x0 + i) * im.sw + c0) : load_tile(dst + (c0 + i) * plane + x0);
       Transpose<T>::run(r);
       for (int i = 0; i < V; ++i) {
-        if (ToPlanes) store(dst + (c0 + i) * plane + x0, r[i]);
-        else store(src + (x0 + i) * im.sw + c0, r[i]);
+        if (ToPlanes) store_tile(dst + (c0 + i) * plane + x0, r[i]);
+        else store_tile(src + (x0 + i) * im.sw + c0, r[i]);
       }
     }
   for (int64_t c = 0; c < im.channels; ++c)
@@ -465,6 +554,73 @@ void fold_columns(const T* cols, int64_t len, int64_t k, T* img, Image im, int t
   }
 }
 
+// bf16 <-> float32 conversions of the bf16 path's layout copies (bf16 is the upper half of a float32).
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline uint32_t to_bf16(float f) {  // round to nearest even; NaNs stay NaN (a select, so loops vectorise)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
+}
+
+// pack for the bf16 path from an image of S (float or bf16 bits): float32 planes (Pairs false, one channel per
+// plane) or bf16 pair planes (Pairs true, channels 2·c2 and 2·c2 + 1 in one 32-bit value, see Bf16Pair). Pixel
+// (y, x) at base + y·row + x, zero elsewhere.
+template <typename S, bool Pairs>
+void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t base, int64_t row, int threads) {
+  const int64_t per = Pairs ? 2 : 1, pc = im.channels / per;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < im.batch * pc; ++t) {
+    const int64_t b = t / pc, c = t % pc * per;
+    float* pf = static_cast<float*>(planes) + t * plane;
+    uint32_t* pp = static_cast<uint32_t*>(planes) + t * plane;
+    if (Pairs) std::fill_n(pp, plane, 0u);
+    else std::fill_n(pf, plane, 0.0f);
+    for (int64_t y = 0; y < im.height; ++y) {
+      const S* src = img + b * im.sb + c * im.sc + y * im.sh;
+      const int64_t o = base + y * row;
+      auto copy = [&](int64_t sw) {
+        for (int64_t x = 0; x < im.width; ++x) {
+          if (Pairs) pp[o + x] = to_bf16(to_float(src[x * sw])) | to_bf16(to_float(src[im.sc + x * sw])) << 16;
+          else pf[o + x] = to_float(src[x * sw]);
+        }
+      };
+      if (im.sw == 1) copy(1);  // a constant stride: the loop vectorises
+      else copy(im.sw);
+    }
+  }
+}
+
+// Kernel bases (N, C, gc, k²) of S as (N, C, gc/2·k²) bf16 pairs of consecutive in-channels (see Bf16Pair).
+template <typename S> void pair_bases(const S* w, int64_t rows, int64_t gc, int64_t k2, uint32_t* out) {
+  for (int64_t nc = 0; nc < rows; ++nc)
+    for (int64_t s2 = 0; s2 < gc / 2; ++s2)
+      for (int64_t t = 0; t < k2; ++t) {
+        const S* src = w + (nc * gc + 2 * s2) * k2 + t;
+        out[(nc * gc / 2 + s2) * k2 + t] = to_bf16(to_float(src[0])) | to_bf16(to_float(src[k2])) << 16;
+      }
+}
+
+// unpack of float32 planes into a bf16 image of any strides, rounding to nearest even.
+void unpack_bf16(const float* planes, int64_t plane, int64_t base, int64_t row, uint16_t* img, Image im,
+                 int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < im.batch * im.channels; ++t) {
+    const int64_t b = t / im.channels, c = t % im.channels;
+    for (int64_t y = 0; y < im.height; ++y) {
+      const float* src = planes + t * plane + base + y * row;
+      uint16_t* dst = img + b * im.sb + c * im.sc + y * im.sh;
+      for (int64_t x = 0; x < im.width; ++x) dst[x * im.sw] = static_cast<uint16_t>(to_bf16(src[x]));
+    }
+  }
+}
+
 template <typename T, template <typename, int> class F, typename... A>
 int dispatch_gc(int64_t gc, A... args) {
   switch (gc) {
@@ -528,3 +684,59 @@ template <typename T, int GC> struct GradXW {
 
 KBA_ENTRY_POINTS(float, f32)
 KBA_ENTRY_POINTS(double, f64)
+
+// Instruction sets of this build: 1 = 64-byte (AVX-512) kernels, 2 = bf16 kernels (AVX512_BF16).
+extern "C" int64_t kba_isa() {
+#ifdef __AVX512BF16__
+  return 3;
+#else
+  return kVecBytes == 64 ? 1 : 0;
+#endif
+}
+
+#define KBA_IMAGE_ARGS int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t sb, int64_t sc, \
+                       int64_t sh, int64_t sw
+#define KBA_IMAGE Image{batch, channels, height, width, sb, sc, sh, sw}
+// The bf16 path's layout copies: `bf16` says whether the image holds bf16 (else float32); `pairs` whether the
+// planes are bf16 pairs (else float32).
+extern "C" void kba_pack_convert(const void* img, int64_t bf16, int64_t pairs, KBA_IMAGE_ARGS, void* planes,
+                                 int64_t plane, int64_t base, int64_t row, int threads) {
+  const auto* h = static_cast<const uint16_t*>(img);
+  const auto* f = static_cast<const float*>(img);
+  if (bf16 && pairs) pack_converted<uint16_t, true>(h, KBA_IMAGE, planes, plane, base, row, threads);
+  else if (bf16) pack_converted<uint16_t, false>(h, KBA_IMAGE, planes, plane, base, row, threads);
+  else if (pairs) pack_converted<float, true>(f, KBA_IMAGE, planes, plane, base, row, threads);
+  else pack_converted<float, false>(f, KBA_IMAGE, planes, plane, base, row, threads);
+}
+extern "C" void kba_pair_bases(const void* w, int64_t bf16, int64_t rows, int64_t gc, int64_t k2, uint32_t* out) {
+  if (bf16) pair_bases(static_cast<const uint16_t*>(w), rows, gc, k2, out);
+  else pair_bases(static_cast<const float*>(w), rows, gc, k2, out);
+}
+extern "C" void kba_unpack_to_bf16(const float* planes, int64_t plane, int64_t base, int64_t row, uint16_t* img,
+                                   KBA_IMAGE_ARGS, int threads) {
+  unpack_bf16(planes, plane, base, row, img, KBA_IMAGE, threads);
+}
+
+#ifdef __AVX512BF16__
+namespace {
+template <typename T, int GC> struct ForwardBf16 {
+  template <typename... A> static void run(A... args) { forward<T, GC, Bf16Pair>(args...); }
+};
+template <typename T, int GC> struct GradAttBf16 {
+  template <typename... A> static void run(A... args) { grad_att<T, GC, Bf16Pair>(args...); }
+};
+}  // namespace
+
+// xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
+extern "C" int kba_forward_bf16(const Bf16Pair* xp, const int64_t* off, const float* ap, const Bf16Pair* w,
+                                const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int threads) {
+  if (gc == 1) return -1;
+  return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, threads);
+}
+extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const float* gp, const Bf16Pair* w,
+                                 const float* bias, float* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
+                                 int threads) {
+  if (gc == 1) return -1;
+  return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
+}
+#endif

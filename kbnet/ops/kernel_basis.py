@@ -220,10 +220,10 @@ def _kba_grad(ctx, grad_out):
 _kba_op.register_autograd(_kba_grad, setup_context=_setup_context)
 
 IMPLEMENTATIONS = ("auto", "native", "torch", "triton", "reference")
-"""``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group); ``torch``: row slabs in plain
-PyTorch (any device and dtype); ``triton``: fused Triton kernels (CUDA; CPU tensors only in Triton's interpreter,
-``TRITON_INTERPRET=1``); ``reference``: the official formulation; ``auto``: native on CPU and Triton on CUDA where
-they apply, else torch."""
+"""``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group, and bfloat16 with 2/4/8 where
+the CPU has AVX512_BF16); ``torch``: row slabs in plain PyTorch (any device and dtype); ``triton``: fused Triton
+kernels (CUDA; CPU tensors only in Triton's interpreter, ``TRITON_INTERPRET=1``); ``reference``: the official
+formulation; ``auto``: native on CPU and Triton on CUDA where they apply, else torch."""
 
 _ENV = "KBNET_KBA"
 _current: ContextVar[str | None] = ContextVar("kbnet_kba_impl", default=None)
@@ -280,8 +280,9 @@ def _resolve(impl: str, device: str, dtype: torch.dtype, channels: int, nset: in
     native_ok = device == "cpu" and native.supports(torch.empty(0, channels, 0, 0, dtype=dtype), groups)
     if impl == "native":
         if not native_ok:
-            raise ValueError(f"kba: the native implementation needs a CPU tensor of dtype float32/float64 (bf16/fp16 "
-                             f"under autocast) and {native.GROUP_CHANNELS} channels per group; got a "
+            raise ValueError(f"kba: the native implementation needs a CPU tensor of dtype {native.native_dtypes()} "
+                             f"(bf16/fp16 under autocast) and {native.GROUP_CHANNELS} channels per group "
+                             f"({native.BF16_GROUP_CHANNELS} in bfloat16); got a "
                              f"{device} {dtype} tensor with {channels // groups} channels per group")
         if not native.available():
             raise RuntimeError(f"kba: the native implementation is unavailable: {native.unavailable_reason()}")
@@ -310,6 +311,18 @@ def _resolve(impl: str, device: str, dtype: torch.dtype, channels: int, nset: in
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def _autocast_compute(impl: str, device: str, dtype: torch.dtype, channels: int, groups: int) -> torch.dtype:
+    """The dtype a call computes in under autocast to ``dtype``: the native kernels' (``native.compute_dtype``:
+    bfloat16 where the CPU has AVX512_BF16, else float32) where they may run it, else ``dtype`` itself. A constant
+    for ``torch.compile``, which cannot trace the look-up of the native library's instruction sets."""
+    if impl in ("auto", "native") and device == "cpu":
+        native_compute = native.compute_dtype(dtype)
+        if native.supports(torch.empty(0, channels, 0, 0, dtype=native_compute), groups):
+            return native_compute
+    return dtype
+
+
 def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
         groups: int, impl: str | None = None) -> torch.Tensor:
     """Kernel basis attention.
@@ -328,8 +341,9 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     implementation is resolved here, in Python, and passed to the operator as an argument. Under ``torch.compile``
     it is resolved once, when the call is traced: a later ``use_kba`` does not change a compiled model.
 
-    Under ``torch.autocast`` the result has the autocast dtype; the native kernels compute it in float32, the others
-    in the autocast dtype (Triton accumulates in float32).
+    Under ``torch.autocast`` the result has the autocast dtype; the native kernels compute it in
+    ``native.compute_dtype`` of it (bfloat16 with float32 sums where the CPU has AVX512_BF16, else float32), the
+    others in the autocast dtype (Triton accumulates in float32).
     """
     _check(x, att, weight, bias, kernel_size, groups)
     impl = _requested(impl)
@@ -337,13 +351,16 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     if autocast:
         dtype = torch.get_autocast_dtype(device)
-        compute = torch.float32 if impl in ("auto", "native") and native.supports(x, groups, torch.float32) else dtype
+        compute = _autocast_compute(impl, device, dtype, x.shape[1], groups)
     else:
         dtype = compute = torch.promote_types(torch.promote_types(x.dtype, att.dtype),
                                               torch.promote_types(weight.dtype, bias.dtype))
-    operands = (x.to(compute), att.to(compute), weight.to(compute), bias.to(compute))
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
         chosen = _resolve(impl, device, compute, x.shape[1], att.shape[1], groups, kernel_size)
+        # The native bf16 kernels take the bases in their own dtype: rounded inside, gradients summed in float32.
+        bases = chosen == "native" and compute == torch.bfloat16
+        operands = (x.to(compute), att.to(compute), weight if bases else weight.to(compute),
+                    bias if bases else bias.to(compute))
         if chosen == "reference":
             out = kba_reference(*operands, kernel_size, groups)
         else:

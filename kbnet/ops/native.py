@@ -7,6 +7,10 @@ Its OpenMP runtime resolves to the ``libgomp.so.1`` torch has already loaded, so
 The library is cached under ``$KBNET_CACHE_DIR`` (default ``~/.cache/kbnet``), keyed by a hash of the source, the
 compiler, the flags and the CPU. When no compiler works, ``available()`` is False and ``unavailable_reason()``
 says why; ``kbnet.ops.kba`` then uses its pure-PyTorch implementation.
+
+The instruction set follows the build target (``instruction_sets()``): 64-byte vectors where it has AVX-512, else
+32-byte (AVX2); with AVX512_BF16 also bf16 kernels (``vdpbf16ps``, float32 sums), so ``native_dtypes()`` gains
+bfloat16 and bf16 autocast computes KBA in bf16 (``compute_dtype``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,16 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kba_cpu.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+MARCH_ENV = "KBNET_NATIVE_MARCH"
+"""Environment variable naming the ``-march`` target (default ``native``): the kernels pick their instruction set
+(AVX-512 with or without BF16, else AVX2) from it at compile time, so e.g. ``haswell`` builds the AVX2 code."""
 GROUP_CHANNELS = (1, 2, 4, 8)
 """Channels per group with a compiled register blocking; other sizes use the PyTorch implementation."""
-NATIVE_DTYPES = (torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float64)
+"""The dtypes every build handles; bfloat16 is added where the CPU has AVX512_BF16 (see ``native_dtypes``)."""
+BF16_GROUP_CHANNELS = (2, 4, 8)
+"""The bf16 kernels pair consecutive in-channels of a group, so they need an even group size."""
 
 
 class NativeBuildError(RuntimeError):
@@ -58,13 +68,18 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _flags() -> tuple[str, ...]:
+    return (*FLAGS, f"-march={os.environ.get(MARCH_ENV, 'native')}")
+
+
 def _build() -> Path:
     compiler = _compiler()
+    flags = _flags()
     if not SOURCE.is_file():
         raise NativeBuildError(f"kernel source {SOURCE} is missing from the installed package")
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = cache_dir() / f"kba_cpu-{key}.so"
     if target.is_file():
@@ -72,7 +87,7 @@ def _build() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
         if result.returncode:
             raise NativeBuildError(f"compiling {SOURCE} with {compiler} failed:\n{result.stderr[-2000:]}")
         os.replace(built, target)  # atomic: concurrent builders never see a half-written library
@@ -81,6 +96,13 @@ def _build() -> Path:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.kba_isa.argtypes, lib.kba_isa.restype = [], i64
+    if lib.kba_isa() & 2:
+        lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 8 + [i32]
+        lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
+    lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
+    lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
+    lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
     for suffix in ("f32", "f64"):
         getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 8 + [i32]
         getattr(lib, f"kba_grad_att_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
@@ -119,11 +141,37 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def instruction_sets() -> tuple[str, ...]:
+    """The vector instruction sets the built kernels use (empty when they are unavailable)."""
+    lib = _library()
+    if isinstance(lib, NativeBuildError):
+        return ()
+    isa = lib.kba_isa()
+    return ("AVX-512",) * bool(isa & 1) + ("AVX512_BF16",) * bool(isa & 2) or ("AVX2",)
+
+
+def native_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the native kernels compute in on this machine: float32 and float64, and bfloat16 (float32
+    accumulation) where the build has the AVX512_BF16 kernels."""
+    return (*FLOAT_DTYPES, torch.bfloat16) if "AVX512_BF16" in instruction_sets() else FLOAT_DTYPES
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the native kernels compute a call in whose operands autocast would give ``dtype``: ``dtype``
+    itself where they have kernels for it, else float32."""
+    return dtype if dtype in native_dtypes() else torch.float32
+
+
 def supports(x: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> bool:
-    """Whether the native kernels handle this call (CPU tensor, float dtype, compiled group size); ``dtype``
-    overrides the dtype of ``x`` (for operands about to be cast)."""
+    """Whether the native kernels handle this call (CPU tensor, a dtype of ``native_dtypes``, compiled group size);
+    ``dtype`` overrides the dtype of ``x`` (for operands about to be cast)."""
     dtype = x.dtype if dtype is None else dtype
-    return x.device.type == "cpu" and dtype in NATIVE_DTYPES and x.shape[1] // groups in GROUP_CHANNELS
+    if x.device.type != "cpu" or dtype not in (*FLOAT_DTYPES, torch.bfloat16):
+        return False
+    gc = x.shape[1] // groups
+    if dtype == torch.bfloat16:
+        return gc in BF16_GROUP_CHANNELS and dtype in native_dtypes()
+    return gc in GROUP_CHANNELS
 
 
 def _pack(image: torch.Tensor, plane: int, base: int, row: int) -> torch.Tensor:
@@ -142,6 +190,25 @@ def _unpack(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_fo
     getattr(_lib(), f"kba_unpack_{_suffix(planes.dtype)}")(planes.data_ptr(), planes.shape[-1], base, row,
                                                             image.data_ptr(), *image.shape, *image.stride(),
                                                             _copy_threads(planes))
+    return image
+
+
+def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool) -> torch.Tensor:
+    """``_pack`` of a float32 or bfloat16 image into float32 planes (B, C, plane), or with ``pairs`` into the bf16
+    pair planes of the bf16 kernels (B, C/2, plane) (see ``_Layout.pairs``)."""
+    b, c, h, w = image.shape
+    planes = torch.empty(b, c // 2 if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
+    _lib().kba_pack_convert(image.data_ptr(), int(image.dtype == torch.bfloat16), int(pairs), b, c, h, w,
+                            *image.stride(), planes.data_ptr(), plane, base, row, _copy_threads(planes))
+    return planes
+
+
+def _unpack_to_bf16(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_format: torch.memory_format
+                    ) -> torch.Tensor:
+    """``_unpack`` of float32 planes into a new bfloat16 image (rounded to nearest even)."""
+    image = torch.empty(planes.shape[0], planes.shape[1], h, w, dtype=torch.bfloat16, memory_format=memory_format)
+    _lib().kba_unpack_to_bf16(planes.data_ptr(), planes.shape[-1], base, row, image.data_ptr(), *image.shape,
+                              *image.stride(), _copy_threads(planes))
     return image
 
 
@@ -168,29 +235,53 @@ class _Layout:
         self.b, self.c, self.h, self.w = x.shape
         self.k = kernel_size
         self.gc = self.c // groups
-        self.align = getattr(_lib(), f"kba_alignment_{_suffix(x.dtype)}")()
+        self.align = getattr(_lib(), f"kba_alignment_{_suffix(_accumulator(x.dtype))}")()
 
     def _round(self, n: int) -> int:
         return -(-n // self.align) * self.align
 
     def positions(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, M, H, W) per-pixel values to (B, M, length), zero where there is no pixel."""
+        """(B, M, H, W) per-pixel values to (B, M, length), zero where there is no pixel; bfloat16 values become
+        float32 (the dtype the kernels accumulate in)."""
+        if t.dtype == torch.bfloat16:
+            return _pack_converted(t, self.length, 0, self.row, pairs=False)
         return _pack(t, self.length, 0, self.row)
 
-    def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-        """The (B, M, H, W) pixels of a (B, M, length) tensor, as a new tensor in ``memory_format``."""
+    def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+        """The (B, M, H, W) pixels of a (B, M, length) tensor, as a new tensor in ``memory_format`` and ``dtype``
+        (default: that of ``tp``; bfloat16 from float32)."""
+        if dtype == torch.bfloat16:
+            return _unpack_to_bf16(tp, 0, self.row, self.h, self.w, memory_format)
         return _unpack(tp, 0, self.row, self.h, self.w, memory_format)
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        """The buffer the kernels read the taps from."""
+        """The buffer the kernels read the taps from (float32 for a bfloat16 ``x``)."""
         raise NotImplementedError
 
-    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-        """The gradient w.r.t. x from the gradient w.r.t. the ``neighbourhoods`` buffer."""
+    def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        """The buffer the bf16 kernels read the pair taps from (see ``pairs``)."""
+        return self.pairs(self.neighbourhoods(x))
+
+    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype
+                   ) -> torch.Tensor:
+        """The gradient w.r.t. x, in ``dtype``, from the gradient w.r.t. the ``neighbourhoods`` buffer."""
         raise NotImplementedError
 
     def dims(self, nset: int) -> list[int]:
         return [self.b, self.c, nset, self.k, self.gc, self.chan_stride, self.length]
+
+    def pairs(self, xp: torch.Tensor) -> torch.Tensor:
+        """The bf16 kernels' form of a float32 ``neighbourhoods`` buffer: consecutive channel pairs of each group
+        interleaved, (B, C/2, chan_stride) 32-bit values each holding two bf16 (the even channel in the low half)."""
+        pairs = xp.view(self.b, self.c // 2, 2, self.chan_stride).transpose(2, 3).to(torch.bfloat16)
+        return pairs.contiguous().view(torch.int32).squeeze(-1)
+
+    def pair_offsets(self) -> torch.Tensor:
+        """The offsets of the pair taps (s2, ky, kx) in the ``pair_neighbourhoods`` buffer: those of the even
+        channels, with the channel distance halved."""
+        taps = self.offsets[:self.k**2]
+        return (torch.arange(self.gc // 2)[:, None] * self.chan_stride + taps[None, :]).flatten()
 
 
 class _PaddedRows(_Layout):
@@ -208,9 +299,17 @@ class _PaddedRows(_Layout):
         self.offsets = (torch.arange(self.gc)[:, None] * self.chan_stride + taps[None, :]).flatten()
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:
+            return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=False)
         return _pack(x, self.chan_stride, self.base, self.row)
 
-    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=True)
+
+    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype
+                   ) -> torch.Tensor:
+        if dtype == torch.bfloat16:
+            return _unpack_to_bf16(grad_buffer, self.base, self.row, self.h, self.w, memory_format)
         return _unpack(grad_buffer, self.base, self.row, self.h, self.w, memory_format)
 
 
@@ -228,17 +327,19 @@ class _Columns(_Layout):
     accumulates = False
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() if x.dtype == torch.bfloat16 else x
         cols = x.new_empty(self.b, self.c * self.k**2, self.length)
         getattr(_lib(), f"kba_unfold_{_suffix(x.dtype)}")(x.data_ptr(), *x.shape, *x.stride(), self.k,
                                                            cols.data_ptr(), self.length, _copy_threads(cols))
         return cols
 
-    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype
+                   ) -> torch.Tensor:
         grad = torch.empty(self.b, self.c, self.h, self.w, dtype=grad_buffer.dtype, memory_format=memory_format)
         getattr(_lib(), f"kba_fold_{_suffix(grad.dtype)}")(grad_buffer.data_ptr(), self.length, self.k,
                                                             grad.data_ptr(), *grad.shape, *grad.stride(),
                                                             _copy_threads(grad_buffer))
-        return grad
+        return grad.to(dtype)
 
 
 def _layout(x: torch.Tensor, kernel_size: int, groups: int) -> _Layout:
@@ -249,7 +350,21 @@ def _layout(x: torch.Tensor, kernel_size: int, groups: int) -> _Layout:
 
 
 def _suffix(dtype: torch.dtype) -> str:
-    return "f32" if dtype == torch.float32 else "f64"
+    return {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}[dtype]
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate, lay out positions and return results in."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def _pair_bases(weight: torch.Tensor, channels: int, gc: int, k: int) -> torch.Tensor:
+    """Kernel bases (1, N, C·gc·k²) rounded to bf16 as (N, C, gc/2·k²) pairs of consecutive in-channels."""
+    weight = weight.contiguous() if weight.dtype == torch.bfloat16 else weight.float().contiguous()
+    out = torch.empty(weight.shape[1], channels, gc // 2 * k * k, dtype=torch.int32)
+    _lib().kba_pair_bases(weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.shape[1] * channels, gc,
+                          k * k, out.data_ptr())
+    return out
 
 
 MACS_PER_THREAD = 2**22
@@ -267,8 +382,9 @@ def _call(name: str, lay: _Layout, nset: int, dtype: torch.dtype, *args) -> None
 
 def _check_supported(x: torch.Tensor, groups: int) -> None:
     if not supports(x, groups):
-        raise ValueError(f"native KBA needs a CPU tensor of dtype {NATIVE_DTYPES} and {GROUP_CHANNELS} channels per "
-                         f"group; got {x.device.type} {x.dtype} with {x.shape[1] // groups} channels per group")
+        raise ValueError(f"native KBA needs a CPU tensor of dtype {native_dtypes()} and {GROUP_CHANNELS} channels "
+                         f"per group ({BF16_GROUP_CHANNELS} for bfloat16); got {x.device.type} {x.dtype} with "
+                         f"{x.shape[1] // groups} channels per group")
 
 
 POSITIONS_PER_TASK = 1024
@@ -290,38 +406,63 @@ def _split_groups(lay: _Layout, groups: int) -> tuple[int, int]:
 
 def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int,
             groups: int) -> torch.Tensor:
-    """KBA output (B, C, H, W) in the memory format of ``x``; operands must share a dtype in ``NATIVE_DTYPES``."""
+    """KBA output (B, C, H, W) in the dtype and memory format of ``x``; operands share a float dtype, or ``x`` and
+    ``att`` are bfloat16 (then the bases are rounded to bf16, the biases and all sums stay float32)."""
     _check_supported(x, groups)
     lay = _layout(x, kernel_size, groups)
+    nset = att.shape[1]
+    if x.dtype == torch.bfloat16:
+        xp, ap = lay.pair_neighbourhoods(x), lay.positions(att)
+        out = torch.empty(lay.b, lay.c, lay.length)
+        _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
+              _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
+              _parts(lay, lay.b * groups))
+        del xp, ap
+        return lay.pixels(out, _memory_format(x), torch.bfloat16)
     xp, ap = lay.neighbourhoods(x), lay.positions(att)
     out = x.new_empty(lay.b, lay.c, lay.length)
-    _call("kba_forward", lay, att.shape[1], x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
-          *lay.dims(att.shape[1]), _parts(lay, lay.b * groups))
+    _call("kba_forward", lay, nset, x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
+          *lay.dims(nset), _parts(lay, lay.b * groups))
     del xp, ap  # before the result is allocated: lower peak memory on large images
     return lay.pixels(out, _memory_format(x))
 
 
 def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor,
              kernel_size: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of KBA w.r.t. x, att, weight and bias, recomputing everything from the inputs."""
+    """Gradients of KBA w.r.t. x, att, weight and bias, recomputing everything from the inputs, each in the dtype
+    of its input.
+
+    With bfloat16 ``x`` and ``att``, grad_att (the same basis application as the forward) runs in the bf16
+    kernels; grad_x and grad_w, sums over the bases and positions, run in float32 on the bf16 values and the
+    bf16-rounded bases the forward applied, so the weight and bias gradients are accumulated in float32."""
     _check_supported(x, groups)
     lay = _layout(x, kernel_size, groups)
     nset = att.shape[1]
+    dtypes = (x.dtype, att.dtype, weight.dtype, bias.dtype)
+    bf16 = x.dtype == torch.bfloat16
     xp, ap, gp = lay.neighbourhoods(x), lay.positions(att), lay.positions(grad_out)
-    weight, bias = weight.contiguous(), bias.contiguous()
+    bias = bias.to(xp.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
-    datt = x.new_zeros(qblocks, lay.b, nset, lay.length)
-    _call("kba_grad_att", lay, nset, x.dtype, xp, lay.offsets, gp, weight, bias, datt, *lay.dims(nset), parts, qblocks)
-    grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att))
+    datt = xp.new_zeros(qblocks, lay.b, nset, lay.length)
+    if bf16:
+        _call("kba_grad_att", lay, nset, torch.bfloat16, lay.pair_neighbourhoods(x), lay.pair_offsets(), gp,
+              _pair_bases(weight, lay.c, lay.gc, kernel_size), bias, datt, *lay.dims(nset), parts, qblocks)
+        weight = weight.to(torch.bfloat16).float()
+    else:
+        weight = weight.contiguous()
+        _call("kba_grad_att", lay, nset, x.dtype, xp, lay.offsets, gp, weight, bias, datt, *lay.dims(nset), parts,
+              qblocks)
+    grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att), att.dtype)
 
     dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
-    _call("kba_grad_x_w", lay, nset, x.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight, *lay.dims(nset),
+    _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight, *lay.dims(nset),
           int(lay.accumulates))
     grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
     del xp, ap, gp
-    return lay.input_grad(dxp, _memory_format(x)), grad_att, grad_weight, grad_bias
+    grads = (lay.input_grad(dxp, _memory_format(x), x.dtype), grad_att, grad_weight, grad_bias)
+    return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -329,4 +470,5 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-__all__ = ["NativeBuildError", "available", "backward", "forward", "supports", "unavailable_reason"]
+__all__ = ["NativeBuildError", "available", "backward", "compute_dtype", "forward", "instruction_sets", "native_dtypes",
+           "supports", "unavailable_reason"]

@@ -1,0 +1,161 @@
+"""The bf16 KBA kernels (AVX512_BF16) against the float32 kernels, the AVX2 build against the machine's build, and
+the choice of the compute dtype under autocast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kbnet.ops import kba, native
+from tests.reference import relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+BF16_ROUNDING = 2.0**-8
+"""bf16 keeps 8 significant bits: a value rounded to nearest bf16 is within this fraction of itself."""
+
+
+def rounded_from(rounded: torch.Tensor, exact: torch.Tensor) -> bool:
+    """Whether every value of the bf16 ``rounded`` is ``exact`` rounded (allowing float32 summation-order noise)."""
+    return bool(((rounded.float() - exact).abs() <= BF16_ROUNDING * exact.abs() * (1 + 1e-4) + 1e-6).all())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def require_bf16() -> None:
+    if not native.available():
+        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    if torch.bfloat16 not in native.native_dtypes():
+        pytest.skip(f"this CPU has no AVX512_BF16 (kernels built for {native.instruction_sets()})")
+
+
+def bf16_case(b, c, h, w, nset, groups, seed=0):
+    """Inputs whose values are exact in bf16, so the bf16 and float32 kernels see the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    gc = c // groups
+    tensors = [torch.randn(b, c, h, w, generator=gen), torch.randn(b, nset, h, w, generator=gen),
+               torch.randn(1, nset, c * gc * 9, generator=gen) * 0.1, torch.randn(1, nset, c, generator=gen)]
+    grad = torch.randn(b, c, h, w, generator=gen)
+    return [t.bfloat16().float() for t in tensors], grad.bfloat16().float()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["as-used", "split-tasks"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("b, c, h, w, nset, groups", [
+    (2, 16, 9, 21, 8, 4),  # 4 channels per group (KBNet_s), padded rows, an odd nset remainder for gc 4
+    (1, 12, 11, 17, 5, 6),  # 2 channels per group (KBNet_l), odd nset
+    (1, 16, 6, 7, 4, 2),  # 8 channels per group, narrow: columns
+])
+def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups):
+    """Same numbers in, float32 sums inside: the bf16 path differs from the float32 one only by summation order and
+    the final rounding of its bf16 results; the bases' gradients are float32 and agree to float32 precision."""
+    require_bf16()
+    if split:
+        monkeypatch.setattr(native, "POSITIONS_PER_TASK", 16)
+        monkeypatch.setattr(native, "MACS_PER_THREAD", 1)
+        torch.set_num_threads(2)
+    (x, att, weight, bias), grad = bf16_case(b, c, h, w, nset, groups)
+    if channels_last:
+        x, att = x.contiguous(memory_format=torch.channels_last), att.contiguous(memory_format=torch.channels_last)
+    out32 = native.forward(x, att, weight, bias, 3, groups)
+    grads32 = native.backward(x, att, weight, bias, grad, 3, groups)
+    out16 = native.forward(x.bfloat16(), att.bfloat16(), weight, bias, 3, groups)
+    grads16 = native.backward(x.bfloat16(), att.bfloat16(), weight, bias, grad.bfloat16(), 3, groups)
+    assert out16.dtype == torch.bfloat16
+    assert out16.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rounded_from(out16, out32)
+    for name, g16, g32 in zip(("x", "att", "weight", "bias"), grads16, grads32, strict=True):
+        if name in ("x", "att"):
+            assert g16.dtype == torch.bfloat16 and rounded_from(g16, g32), name
+        else:
+            assert g16.dtype == torch.float32 and relative_error(g16, g32) < 1e-6, name
+
+
+def test_bf16_autocast_computes_in_bf16_and_returns_float32_gradients():
+    require_bf16()
+    (x, att, weight, bias), grad = bf16_case(1, 16, 12, 12, 8, 4)
+    leaves = [t.clone().requires_grad_() for t in (x, att, weight, bias)]
+    calls = []
+    forward = native.forward
+
+    def recording(*args):
+        calls.append([a.dtype for a in args[:4]])
+        return forward(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "forward", recording)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = kba(*leaves, 3, 4)
+    assert calls == [[torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]]
+    assert out.dtype == torch.bfloat16
+    out.backward(grad.bfloat16())
+    expected = native.backward(x.bfloat16(), att.bfloat16(), weight, bias, grad.bfloat16(), 3, 4)
+    for leaf, g in zip(leaves, expected, strict=True):
+        assert leaf.grad.dtype == torch.float32
+        assert torch.equal(leaf.grad, g.float())
+
+
+def test_without_bf16_kernels_autocast_computes_in_float32(monkeypatch):
+    """A CPU without AVX512_BF16: bf16 autocast casts around float32 kernels, and bf16 tensors are not native."""
+    if not native.available():
+        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    monkeypatch.setattr(native, "instruction_sets", lambda: ("AVX2",))
+    assert native.native_dtypes() == (torch.float32, torch.float64)
+    assert native.compute_dtype(torch.bfloat16) == torch.float32
+    assert not native.supports(torch.zeros(1, 8, 4, 4, dtype=torch.bfloat16), 2)
+    (x, att, weight, bias), _ = bf16_case(1, 8, 6, 10, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kba(x, att, weight, bias, 3, 2, impl="native")
+    assert torch.equal(out, native.forward(x, att, weight, bias, 3, 2).bfloat16())
+
+
+def test_bf16_needs_an_even_group_size():
+    require_bf16()
+    x = torch.zeros(1, 8, 4, 4, dtype=torch.bfloat16)
+    assert native.supports(x, 4) and not native.supports(x, 8)
+    assert native.supports(x.float(), 8)
+
+
+AVX2_SCRIPT = """
+import json, sys, torch
+from kbnet.ops import native
+torch.manual_seed(0)
+inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
+          torch.randn(1, 8, 16)]
+grad = torch.randn(2, 16, 9, 21)
+results = [native.forward(*inputs, 3, 4), *native.backward(*inputs, grad, 3, 4)]
+torch.save(results, sys.argv[1])
+print(json.dumps({"isa": native.instruction_sets(), "dtypes": [str(d) for d in native.native_dtypes()]}))
+"""
+
+
+def test_the_avx2_build_compiles_and_matches(tmp_path):
+    """The kernels built for an AVX2 CPU (``-march=haswell``, into a separate cache) give this machine's results."""
+    if not native.available():
+        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    env = {**os.environ, native.MARCH_ENV: "haswell", "KBNET_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", AVX2_SCRIPT, str(tmp_path / "avx2.pt")], env=env, cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info == {"isa": ["AVX2"], "dtypes": ["torch.float32", "torch.float64"]}
+    assert len(list((tmp_path / "cache").glob("kba_cpu-*.so"))) == 1
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
+              torch.randn(1, 8, 16)]
+    grad = torch.randn(2, 16, 9, 21)
+    ours = [native.forward(*inputs, 3, 4), *native.backward(*inputs, grad, 3, 4)]
+    for a, b in zip(torch.load(tmp_path / "avx2.pt"), ours, strict=True):
+        assert relative_error(a, b) < 1e-6
