@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kbnet.ops import native
+from kbnet.ops.kba_decomposed import kba_decomposed
 from kbnet.ops.kba_reference import kba_reference
 
 SLAB_BYTES = 64 * 2**20
@@ -153,9 +154,10 @@ class _KBANative(torch.autograd.Function):
         return (*grads, None, None)
 
 
-IMPLEMENTATIONS = ("auto", "native", "torch", "reference")
+IMPLEMENTATIONS = ("auto", "native", "torch", "reference", "decomposed")
 """``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group); ``torch``: row slabs in plain
-PyTorch (any device and dtype); ``reference``: the official formulation; ``auto``: native where it applies, else
+PyTorch (any device and dtype); ``reference``: the official formulation; ``decomposed``: standard ATen operators
+only (``kbnet.ops.kba_decomposed``), what exports to ONNX / torch.export; ``auto``: native where it applies, else
 torch."""
 
 _ENV = "KBNET_KBA"
@@ -244,6 +246,8 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         chosen = _resolve(impl, operands[0], groups)
         if chosen == "reference":
             out = kba_reference(*operands, kernel_size, groups)
+        elif chosen == "decomposed":
+            out = kba_decomposed(*operands, kernel_size, groups)
         else:
             function = _KBANative if chosen == "native" else _KBATorch
             out = function.apply(*operands, kernel_size, groups)
