@@ -291,4 +291,4 @@ def test_unknown_implementation_is_named():
         kba(*inputs, k, groups, impl="cuda")
     with pytest.raises(ValueError, match="use_kba"), use_kba("fast"):
         pass
-    assert set(IMPLEMENTATIONS) == {"auto", "native", "torch", "reference"}
+    assert set(IMPLEMENTATIONS) == {"auto", "native", "torch", "reference", "decomposed"}
