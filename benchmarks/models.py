@@ -3,6 +3,7 @@
     python -m benchmarks.models              # full tables (about half an hour on 2 cores)
     python -m benchmarks.models --quick      # tiny presets at 16², one repeat: a smoke run
     python -m benchmarks.models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
+    python -m benchmarks.models --compile    # + torch.compile columns (the subject's KBA, compiled after warm-up)
 
 Measured per preset: inference on one 256² image, and one training step at 128², batch 2 (forward, L1 loss,
 backward, AdamW step): median time and peak memory of both variants, their ratios, the achieved GFLOP/s and the
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verify-size", type=int, nargs="*", default=[],
                         help="also measure the subject's peak restoring one image of this side (slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the subject compiled with torch.compile (eager / compiled ratio)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -137,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for task, size, batch in (("inference", setup["infer"], 1), ("train step", setup["train"], TRAIN_BATCH)):
             model.train(task != "inference")
             make = inference if task == "inference" else training_step
-            timing = time_calls({impl: make(model, impl, size) for impl in impls}, repeats)
+            variants = {impl: make(model, impl, size) for impl in impls}
+            if args.compile:
+                variants["compiled"] = make(torch.compile(model), ours, size)
+            timing = time_calls(variants, repeats)
             flops = 2 * count_macs(model, (3, size, size), include_matmul=True) * batch * (1 if task == "inference"
                                                                                             else 3)
             floor = flops / (mm * 1e9)
@@ -145,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                ms(timing[ours].wall), ms(timing[ref].wall), ratio(timing[ref].wall, timing[ours].wall),
                                ratio(timing[ref].cpu, timing[ours].cpu),
                                f"{flops / timing[ours].wall / 1e9:.1f}", f"{flops / timing[ref].wall / 1e9:.1f}",
-                               ms(floor), ratio(timing[ours].wall, floor)])
+                               ms(floor), ratio(timing[ours].wall, floor),
+                               *([ms(timing["compiled"].wall), ratio(timing[ours].wall, timing["compiled"].wall)]
+                                 if args.compile else [])])
         if memory:
             peaks = {impl: run_worker("benchmarks.models", {
                 "model": name, "impl": impl, "threads": args.threads, "fit": setup["fit"], "train": setup["train"],
@@ -166,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Backbones, float32. {machine_line(args.threads, mm)}. Times: median of {repeats} wall-clock runs, "
           f"variants interleaved; × = {ref} / {ours} (CPU-time × uses the process CPU time, less sensitive to other "
           f"load); floor = FLOPs at the matmul rate.\n")
+    compiled = ["compiled ms", f"{ours} eager / compiled"] if args.compile else []
     print(markdown_table(["model", "task", "input", "GFLOP", f"{ours} ms", f"{ref} ms", "×", "CPU-time ×",
-                          f"{ours} GFLOP/s", f"{ref} GFLOP/s", "floor ms", f"{ours} / floor"], speed_rows))
+                          f"{ours} GFLOP/s", f"{ref} GFLOP/s", "floor ms", f"{ours} / floor", *compiled], speed_rows))
     if memory:
         print(f"\nPeak memory ({MEMORY_METHOD}); largest square image restored in one piece within "
               f"{args.budget_gb:g} GiB = weights + working memory, extrapolated linearly from the inference peaks "

@@ -12,6 +12,11 @@ from torch import nn
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """Compile ``model``'s forward in place (dynamic shapes are detected after the second distinct size)."""
-    model.compile()
+    """Compile ``model``'s forward in place, for static shapes.
+
+    Static, because the progressive patch/batch schedule changes the input shape a few times per run, and with
+    dynamic shapes Inductor (torch 2.13) fails on the backbone ("cannot determine truth value of Relational"); each
+    new shape compiles once (up to ``torch._dynamo.config.recompile_limit``, then that forward runs eagerly).
+    """
+    model.compile(dynamic=False)
     return model

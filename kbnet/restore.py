@@ -253,13 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, console: Console) -> None:
     jobs = plan_jobs(args.inputs, args.output, args.format, args.target, args.side_by_side, args.overwrite)
-    tile = args.tile
+    tile, note = args.tile, ""
     if args.checkpoint.suffix.lower() == ONNX_SUFFIX:
         if args.bf16 or args.compile:
             raise RestoreError(f"--bf16 and --compile apply to PyTorch models, not to the ONNX model {args.checkpoint}")
         loaded = model_from_onnx(args.checkpoint, preset=args.model, device=args.device)
         device = torch.device("cpu")  # onnxruntime takes host arrays; its provider decides where it runs
-        tile = None if tile == "auto" else tile  # the memory planner profiles PyTorch models only
+        if tile == "auto":  # the memory planner profiles PyTorch models only
+            tile, note = None, " (ONNX: whole images; --tile N tiles large ones)"
     else:
         device = resolve_device(args.device)
         loaded = load_model(args.checkpoint, preset=args.model, weights=args.weights)
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
                         tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble, max_memory_bytes=budget,
                         compile=args.compile)
     if not args.quiet:
-        console.print(f"model: {loaded.source}; device {device}", soft_wrap=True, highlight=False)
+        console.print(f"model: {loaded.source}; device {device}{note}", soft_wrap=True, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         images = progress.add_task("images", total=len(jobs))

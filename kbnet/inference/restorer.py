@@ -61,7 +61,8 @@ class Restorer:
         pad_multiple: reflect-pad right/bottom to this multiple before anything else (official test step).
         max_memory_bytes: memory the whole process may hold on the device (host RAM for the CPU) during automatic
             tiling; default: what it holds now plus 80 % of the device's free memory.
-        compile: run the network through ``torch.compile`` (the memory planner keeps probing the eager module).
+        compile: run the network through ``torch.compile`` with static shapes (each new tile or image size compiles
+            once, see ``kbnet.compile``; the memory planner keeps probing the eager module).
     """
 
     model: nn.Module = field(repr=False)
@@ -90,7 +91,7 @@ class Restorer:
         self.model = self.model.to(self.device).eval()
         self.channels = model_channels(self.model)
         self.multiple = model_size_multiple(self.model)
-        self._forward = torch.compile(self.model) if self.compile else self.model
+        self._forward = torch.compile(self.model, dynamic=False) if self.compile else self.model
 
     def budget(self) -> int:
         """Bytes the automatic tiling may plan for (the default is read from the device at first use)."""
