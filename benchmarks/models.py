@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             make = inference if task == "inference" else training_step
             variants = {impl: make(model, impl, size) for impl in impls}
             if args.compile:
-                variants["compiled"] = make(torch.compile(model), ours, size)
+                variants["compiled"] = make(torch.compile(model, dynamic=False), ours, size)
             timing = time_calls(variants, repeats)
             flops = 2 * count_macs(model, (3, size, size), include_matmul=True) * batch * (1 if task == "inference"
                                                                                             else 3)
