@@ -3,6 +3,7 @@
     python -m benchmarks.models              # full tables (about half an hour on 2 cores)
     python -m benchmarks.models --quick      # tiny presets at 16², one repeat: a smoke run
     python -m benchmarks.models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
+    python -m benchmarks.models --compile    # + torch.compile columns (the subject's KBA, compiled after warm-up)
 
 Measured per preset: inference on one 256² image, and one training step at 128², batch 2 (forward, L1 loss,
 backward, AdamW step): median time and peak memory of both variants, their ratios, the achieved GFLOP/s and the
@@ -117,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="also measure the subject's peak restoring one image of this side (slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the subject compiled with torch.compile (eager / compiled ratio)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -146,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             variants = {impl: make(model, impl, size) for impl in impls}
             if bf16:
                 variants["bf16"] = make(model, ours, size, bf16=True)
+            if args.compile:
+                variants["compiled"] = make(torch.compile(model, dynamic=False), ours, size)
             timing = time_calls(variants, repeats)
             flops = 2 * count_macs(model, (3, size, size), include_matmul=True) * batch * (1 if task == "inference"
                                                                                             else 3)
@@ -157,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                ms(floor), ratio(timing[ours].wall, floor)]
                               + ([ms(timing["bf16"].wall), ratio(timing[ours].wall, timing["bf16"].wall),
                                   ms(floor_seconds(flops, rates["bfloat16"])),
-                                  ratio(timing["bf16"].wall, floor_seconds(flops, rates["bfloat16"]))] if bf16 else []))
+                                  ratio(timing["bf16"].wall, floor_seconds(flops, rates["bfloat16"]))] if bf16 else [])
+                              + ([ms(timing["compiled"].wall), ratio(timing[ours].wall, timing["compiled"].wall)]
+                                 if args.compile else []))
         if memory:
             peaks = {impl: run_worker("benchmarks.models", {
                 "model": name, "impl": impl, "threads": args.threads, "fit": setup["fit"], "train": setup["train"],
@@ -180,9 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Backbones, float32. {machine_line(args.threads, rates)}. Times: median of {repeats} wall-clock runs, "
           f"variants interleaved; × = {ref} / {ours} (CPU-time × uses the process CPU time, less sensitive to other "
           f"load); floor = FLOPs at the float32 matmul rate. {bf16_note}.\n")
+    compiled = ["compiled ms", f"{ours} eager / compiled"] if args.compile else []
     print(markdown_table(["model", "task", "input", "GFLOP", f"{ours} ms", f"{ref} ms", "×", "CPU-time ×",
                           f"{ours} GFLOP/s", f"{ref} GFLOP/s", "floor ms", f"{ours} / floor"]
-                         + ["bf16 ms", "fp32/bf16 ×", "bf16 floor ms", "bf16 / floor"] * bf16, speed_rows))
+                         + ["bf16 ms", "fp32/bf16 ×", "bf16 floor ms", "bf16 / floor"] * bf16 + compiled, speed_rows))
     if memory:
         print(f"\nPeak memory ({MEMORY_METHOD}); largest square image restored in one piece within "
               f"{args.budget_gb:g} GiB = weights + working memory, extrapolated linearly from the inference peaks "

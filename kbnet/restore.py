@@ -27,6 +27,8 @@ from kbnet.cli import user_errors
 from kbnet.errors import UserError
 from kbnet.imageio import IMAGE_SUFFIXES, Image, convert_channels, list_images, read_image, write_image
 from kbnet.inference import Restorer, load_model, resolve_device
+from kbnet.inference.loading import model_from_onnx
+from kbnet.inference.onnx_model import ONNX_SUFFIX
 from kbnet.inference.tiling import TileCallback
 from kbnet.metrics import psnr
 from kbnet.models import list_models
@@ -215,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
                         help="folder for the results (created; never an input folder)")
     parser.add_argument("-c", "--checkpoint", type=Path, required=True,
-                        help="a checkpoint of this project (rebuilds its own model) or an official release file "
-                             "(needs --model)")
+                        help="a checkpoint of this project (rebuilds its own model), an official release file "
+                             "(needs --model), a .safetensors file or an exported .onnx model (onnxruntime)")
     parser.add_argument("-m", "--model", choices=list_models(), metavar="PRESET",
                         help=f"model preset of an official weights file ({', '.join(list_models())}); with a "
                              "project checkpoint it is only checked against the one it holds")
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bf16: bfloat16 autocast, on CUDA or a CPU with AVX512_BF16 (default fp32)")
     parser.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
                         help="the same as --precision bf16")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the backbone (the first image of each size compiles, later ones run "
+                             "faster); not for .onnx models")
     parser.add_argument("--convert-channels", action="store_true",
                         help="convert gray inputs for a colour model (and the reverse) instead of refusing them")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -255,13 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, console: Console) -> None:
     jobs = plan_jobs(args.inputs, args.output, args.format, args.target, args.side_by_side, args.overwrite)
-    device = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, preset=args.model, weights=args.weights)
+    tile, note = args.tile, ""
+    if args.checkpoint.suffix.lower() == ONNX_SUFFIX:
+        if args.precision != "fp32" or args.compile:
+            raise RestoreError(f"--precision bf16 and --compile apply to PyTorch models, not to the ONNX model "
+                               f"{args.checkpoint}")
+        loaded = model_from_onnx(args.checkpoint, preset=args.model, device=args.device)
+        device = torch.device("cpu")  # onnxruntime takes host arrays; its provider decides where it runs
+        if tile == "auto":  # the memory planner profiles PyTorch models only
+            tile, note = None, " (ONNX: whole images; --tile N tiles large ones)"
+    else:
+        device = resolve_device(args.device)
+        loaded = load_model(args.checkpoint, preset=args.model, weights=args.weights)
     budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
-    restorer = Restorer(loaded.model, device=device, precision=args.precision, tile=args.tile,
-                        tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble, max_memory_bytes=budget)
+    restorer = Restorer(loaded.model, device=device, precision=args.precision, tile=tile,
+                        tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble, max_memory_bytes=budget,
+                        compile=args.compile)
     if not args.quiet:
-        console.print(f"model: {loaded.source}; device {device}", soft_wrap=True, highlight=False)
+        console.print(f"model: {loaded.source}; device {device}{note}", soft_wrap=True, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         images = progress.add_task("images", total=len(jobs))

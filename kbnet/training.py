@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from kbnet.compile import compile_model
 from kbnet.config_check import check_train_config
 from kbnet.errors import ConfigError, ExistingFileError, MissingFileError
 from kbnet.lit.base import RestorationModule
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 WANDB_ID_FILE = "wandb_id.txt"
 TOP_LEVEL_KEYS = frozenset({"run_name", "resume", "seed", "global_batch_size", "init_weights", "torch_threads",
-                            "paths", "task", "model", "data", "module", "trainer", "logger", "callbacks"})
+                            "compile", "paths", "task", "model", "data", "module", "trainer", "logger", "callbacks"})
 TASK_KEYS = frozenset({"name", "channels", "sigma", "sigma_range", "lit_module", "progressive"})
 SUMMARY_SIZE = 256
 """MACs are reported at 256x256, the paper's convention."""
@@ -373,6 +374,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.init_weights is not None:
         load_weights(net, cfg.init_weights)
     module = build_module(cfg, net)
+    if cfg.get("compile"):
+        compile_model(module.net)
 
     lock = RunLock(run_dir)
     if is_launcher:

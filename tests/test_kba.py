@@ -295,4 +295,4 @@ def test_unknown_implementation_is_named():
         kba(*inputs, k, groups, impl="cuda")
     with pytest.raises(ValueError, match="use_kba"), use_kba("fast"):
         pass
-    assert set(IMPLEMENTATIONS) == {"auto", "native", "torch", "triton", "reference"}
+    assert set(IMPLEMENTATIONS) == {"auto", "native", "torch", "triton", "reference", "decomposed"}

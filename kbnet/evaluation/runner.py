@@ -31,7 +31,8 @@ from kbnet.inference import (
     model_from_official,
     resolve_device,
 )
-from kbnet.inference.loading import net_config_of, read_checkpoint, task_of
+from kbnet.inference.loading import model_from_onnx, net_config_of, read_checkpoint, task_of
+from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel
 from kbnet.metrics import MetricTable
 from kbnet.models import WeightLoadError
 from kbnet.rundir import write_text
@@ -74,6 +75,12 @@ def load_eval_model(cfg: DictConfig) -> LoadedModel:
         with open_dict(cfg):
             cfg.model = OmegaConf.create(net_config_of(content))
         return loaded
+    if Path(cfg.pretrained).suffix.lower() == ONNX_SUFFIX:
+        if cfg.precision != "fp32":
+            raise ValueError(f"pretrained={cfg.pretrained} is an ONNX model: it runs in the precision it was exported "
+                             f"in, so precision must be fp32, got {cfg.precision}")
+        return model_from_onnx(cfg.pretrained, preset=None if model_cfg is None else str(model_cfg.name),
+                               device=cfg.device, channels=cfg.task.channels)
     if model_cfg is None:
         raise ConfigError(f"pretrained={cfg.pretrained} holds bare weights: choose their preset with model=<name> "
                           "(kbnet_s, kbnet_s_sidd, kbnet_l, ... as in configs/model)")
@@ -94,7 +101,8 @@ def build_restorer(cfg: DictConfig, model: torch.nn.Module, protocol: Protocol) 
     """The protocol's forward (padding, official tiling) with the config's device, precision and overrides."""
     tile = protocol.tile if cfg.get("tile") is None else (cfg.tile or None)
     overlap = protocol.tile_overlap if cfg.get("tile_overlap") is None else cfg.tile_overlap
-    return Restorer(model, device=resolve_device(cfg.device), precision=cfg.precision, tile=tile,
+    device = torch.device("cpu") if isinstance(model, OnnxModel) else resolve_device(cfg.device)
+    return Restorer(model, device=device, precision=cfg.precision, tile=tile,
                     tile_overlap=overlap, tile_mode="official", self_ensemble=cfg.self_ensemble,
                     pad_multiple=protocol.pad_multiple)
 

@@ -1,13 +1,16 @@
 """Build a ready-to-run backbone from a checkpoint: this project's Lightning checkpoints or official release files.
 
 A Lightning checkpoint of this project carries the resolved model config (``hyper_parameters["net_config"]``), so
-it alone rebuilds the backbone. An official release file holds bare weights, so the caller names the preset
+it alone rebuilds the backbone; so does a ``.safetensors`` file written by ``kbnet-export`` (its metadata holds the
+config), and an exported ``.onnx`` file runs through onnxruntime (``OnnxModel``). An official release file holds
+bare weights, so the caller names the preset
 (``--model kbnet_l`` / ``model=kbnet_l``); a file for another preset fails with the ``WeightLoadError`` of
 ``kbnet.models.load_weights``, which lists the tensors that do not fit and the likely cause.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +21,12 @@ from hydra.utils import instantiate
 from torch import nn
 
 from kbnet.errors import MissingFileError, UserError
+from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel, OnnxModelError, providers_for
 from kbnet.models import KBNetL, KBNetS, create_model, list_models, load_weights
 from kbnet.models.kbnet_l import SIZE_MULTIPLE as KBNET_L_MULTIPLE
+from kbnet.models.weights import SAFETENSORS_SUFFIX, safetensors_metadata
 
+CREATE_MODEL = "kbnet.models.create_model"
 EMA_PREFIX = "ema.module."
 """Where our LightningModules keep the EMA copy of the backbone (``module.ema_decay``)."""
 PROJECT_WEIGHTS = ("auto", "ema", "net")
@@ -32,11 +38,13 @@ class CheckpointError(UserError, ValueError):
 
 @dataclass
 class LoadedModel:
-    """A backbone in eval mode, the preset it was built as, and where its weights came from."""
+    """A backbone in eval mode, the preset it was built as, where its weights came from, and the config that
+    rebuilds it (``hydra.utils.instantiate``; ``None`` for an ONNX model)."""
 
     model: nn.Module
     name: str
     source: str
+    config: dict[str, Any] | None = None
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -108,19 +116,66 @@ def model_from_checkpoint(path: str | Path, content: Any = None, weights: str = 
                               f"{err}") from err
     state, what = _project_state(content, path, weights)
     load_weights(model, state)
-    return LoadedModel(model.eval(), name, f"{path} ({name}, {what} of a project checkpoint)")
+    return LoadedModel(model.eval(), name, f"{path} ({name}, {what} of a project checkpoint)", config)
 
 
-def model_from_official(path: str | Path, model: nn.Module, name: str, key: str | None = None) -> LoadedModel:
-    """Load an official release file (or any bare state dict) into ``model``, built as preset ``name``."""
+def model_from_official(path: str | Path, model: nn.Module, name: str, key: str | None = None,
+                        config: dict[str, Any] | None = None) -> LoadedModel:
+    """Load an official release file (or any bare state dict) into ``model``, built as preset ``name``
+    (``config``: what built it; default the preset itself)."""
     load_weights(model, path, key=key)
-    return LoadedModel(model.eval(), name, f"{path} ({name}, official weights)")
+    config = {"_target_": CREATE_MODEL, "name": name} if config is None else config
+    return LoadedModel(model.eval(), name, f"{path} ({name}, official weights)", config)
+
+
+def model_from_safetensors(path: str | Path, preset: str | None = None) -> LoadedModel:
+    """A ``.safetensors`` file: rebuilt from the config ``kbnet-export`` stored in it, or (bare official-format
+    weights) built as ``preset``; a ``preset`` that differs from the stored one is refused."""
+    path = Path(path)
+    metadata = safetensors_metadata(path)
+    stored = metadata.get("kbnet.config")
+    if stored is None:
+        if preset is None:
+            raise CheckpointError(f"{path} has no kbnet metadata (not written by kbnet-export); name its preset with "
+                                  f"--model (one of {', '.join(list_models())})")
+        return model_from_official(path, create_model(preset), preset)
+    config = json.loads(stored)
+    name = str(config.get("name", metadata.get("kbnet.preset", "?")))
+    if preset is not None and preset != name:
+        raise CheckpointError(f"{path} holds a {name!r} model, not {preset!r}: leave the model choice out (the file "
+                              "rebuilds its own) or pass the matching preset")
+    try:
+        model = instantiate(config)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its kbnet.config {config}: {err}") from err
+    load_weights(model, path)
+    return LoadedModel(model.eval(), name, f"{path} ({name}, safetensors)", config)
+
+
+def model_from_onnx(path: str | Path, preset: str | None = None, device: str = "cpu",
+                    channels: int | None = None) -> LoadedModel:
+    """An exported ONNX model on onnxruntime; ``preset`` and ``channels``, when given, must match the file."""
+    path = Path(path)
+    model = OnnxModel.load(path, providers_for(device))
+    if preset is not None and model.preset is not None and preset != model.preset:
+        raise OnnxModelError(f"{path} is an export of {model.preset!r}, not {preset!r}: leave the model choice out "
+                             "or pass the matching preset")
+    if channels is not None and model.channels != channels:
+        raise OnnxModelError(f"{path} takes {model.channels}-channel images, but {channels} were expected (another "
+                             "model's export?)")
+    name = model.preset or path.stem
+    return LoadedModel(model, name, f"{path} ({name}, ONNX on {model.providers[0]})", model.config)
 
 
 def load_model(path: str | Path, preset: str | None = None, weights: str | None = None) -> LoadedModel:
-    """Model for the restore CLI: our checkpoint (``preset`` optional, checked) or an official file (``preset``
-    required). ``weights`` picks ``ema``/``net`` in our checkpoints and the wrapper key in official files."""
+    """Model for the restore CLI: our checkpoint (``preset`` optional, checked), an exported ``.safetensors`` or
+    ``.onnx`` file (CPU onnxruntime; ``preset`` optional, checked) or an official file (``preset`` required).
+    ``weights`` picks ``ema``/``net`` in our checkpoints and the wrapper key in official files."""
     path = Path(path)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return model_from_safetensors(path, preset)
+    if path.suffix.lower() == ONNX_SUFFIX:
+        return model_from_onnx(path, preset)
     content = read_checkpoint(path)
     if net_config_of(content) is not None:
         return model_from_checkpoint(path, content, weights or "auto", expect_name=preset)
@@ -134,6 +189,8 @@ def load_model(path: str | Path, preset: str | None = None, weights: str | None 
 
 def model_channels(model: nn.Module) -> int:
     """Image channels the backbone takes (its first convolution's input channels)."""
+    if isinstance(model, OnnxModel):
+        return model.channels
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             return module.in_channels
@@ -146,4 +203,6 @@ def model_size_multiple(model: nn.Module) -> int:
         return model.padder_size
     if isinstance(model, KBNetL):
         return KBNET_L_MULTIPLE
+    if isinstance(model, OnnxModel):
+        return model.size_multiple
     return 1

@@ -65,6 +65,8 @@ class Restorer:
         pad_multiple: reflect-pad right/bottom to this multiple before anything else (official test step).
         max_memory_bytes: memory the whole process may hold on the device (host RAM for the CPU) during automatic
             tiling; default: what it holds now plus 80 % of the device's free memory.
+        compile: run the network through ``torch.compile`` with static shapes (each new tile or image size compiles
+            once, see ``kbnet.compile``; the memory planner keeps probing the eager module).
     """
 
     model: nn.Module = field(repr=False)
@@ -76,6 +78,7 @@ class Restorer:
     self_ensemble: bool = False
     pad_multiple: int | None = None
     max_memory_bytes: int | None = None
+    compile: bool = False
     _profile: MemoryProfile | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class Restorer:
         self.model = self.model.to(self.device).eval()
         self.channels = model_channels(self.model)
         self.multiple = model_size_multiple(self.model)
+        self._forward = torch.compile(self.model, dynamic=False) if self.compile else self.model
 
     def budget(self) -> int:
         """Bytes the automatic tiling may plan for (the default is read from the device at first use)."""
@@ -133,7 +137,7 @@ class Restorer:
         x = x.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                      enabled=self.precision == "bf16"):
-            out = self.model(x)
+            out = self._forward(x)
         return out.to("cpu", torch.float32, copy=True)
 
     def _piece(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,34 @@ WRAPPER_KEYS = ("params", "params_ema", "model", "net", "state_dict")
 """Keys under which the official releases (BasicSR ``params``/``params_ema``, SIDD ``model``, Gaussian ``net``) and
 Lightning (``state_dict``) store the weights; the first present one is used unless ``key`` is given."""
 
+SAFETENSORS_SUFFIX = ".safetensors"
 LIGHTNING_PREFIX = "net."
 """Our LightningModules keep the backbone in the attribute ``net``."""
 
 
 class WeightLoadError(UserError, RuntimeError):
     """A checkpoint that does not fit the model; the message lists the differences and a likely cause."""
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (``kbnet-export`` stores the preset and config there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:
+        raise WeightLoadError(f"cannot read {path} as safetensors: {type(err).__name__}: {err}") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise WeightLoadError(f"cannot read {path} as safetensors: {type(err).__name__}: {err} "
+                              "(truncated download?)") from err
 
 
 def _read(source: str | os.PathLike | Mapping, key: str | None) -> tuple[dict[str, torch.Tensor], str]:
@@ -30,6 +52,8 @@ def _read(source: str | os.PathLike | Mapping, key: str | None) -> tuple[dict[st
         path = Path(source)
         if not path.is_file():
             raise MissingFileError(f"checkpoint not found: {path}")
+        if path.suffix.lower() == SAFETENSORS_SUFFIX:
+            return _read_safetensors(path), name
         try:
             source = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
@@ -94,7 +118,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping, strict: 
                  key: str | None = None) -> nn.Module:
     """Load a state dict into ``model`` from a file or mapping in any of the forms KBNet weights come in.
 
-    Accepted: a raw state dict; ``{"params"|"params_ema"|"model"|"net"|"state_dict": state_dict}`` (``key`` picks
+    Accepted: a raw state dict; a ``.safetensors`` file (official key names, as ``kbnet-export`` writes);
+    ``{"params"|"params_ema"|"model"|"net"|"state_dict": state_dict}`` (``key`` picks
     one explicitly, e.g. ``params_ema``); keys with a ``module.`` prefix; Lightning checkpoints of this project
     (backbone keys ``net.*``). With ``strict`` every difference raises ``WeightLoadError`` listing missing and
     unexpected keys and shape mismatches with a likely cause; without it only the matching tensors load.

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from kbnet.errors import UserError
 from kbnet.ops import kba_triton, native
+from kbnet.ops.kba_decomposed import kba_decomposed
 from kbnet.ops.kba_reference import kba_reference
 
 SLAB_BYTES = 64 * 2**20
@@ -219,11 +220,13 @@ def _kba_grad(ctx, grad_out):
 
 _kba_op.register_autograd(_kba_grad, setup_context=_setup_context)
 
-IMPLEMENTATIONS = ("auto", "native", "torch", "triton", "reference")
+IMPLEMENTATIONS = ("auto", "native", "torch", "triton", "reference", "decomposed")
 """``native``: fused C++ kernels (CPU, float32/float64, 1/2/4/8 channels per group, and bfloat16 with 2/4/8 where
 the CPU has AVX512_BF16); ``torch``: row slabs in plain PyTorch (any device and dtype); ``triton``: fused Triton
 kernels (CUDA; CPU tensors only in Triton's interpreter, ``TRITON_INTERPRET=1``); ``reference``: the official
-formulation; ``auto``: native on CPU and Triton on CUDA where they apply, else torch."""
+formulation; ``decomposed``: standard ATen operators only (``kbnet.ops.kba_decomposed``), what exports to ONNX and
+to a ``torch.export`` program without kbnet code; ``auto``: native on CPU and Triton on CUDA where they apply, else
+torch."""
 
 _ENV = "KBNET_KBA"
 _current: ContextVar[str | None] = ContextVar("kbnet_kba_impl", default=None)
@@ -363,6 +366,8 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                     bias if bases else bias.to(compute))
         if chosen == "reference":
             out = kba_reference(*operands, kernel_size, groups)
+        elif chosen == "decomposed":
+            out = kba_decomposed(*operands, kernel_size, groups)
         else:
             out = torch.ops.kbnet.kba(*operands, kernel_size, groups, chosen)
     return out.to(dtype)
