@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import machine_line, markdown_table, matmul_gflops, ms, ratio, time_calls
+from benchmarks.common import machine_line, markdown_table, matmul_rates, ms, ratio, time_calls
 from benchmarks.kba import KERNEL, cases, inputs
 from kbnet.export import VERIFY_SIZES, export_model
 from kbnet.inference.loading import LoadedModel
@@ -125,9 +125,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
-    mm = matmul_gflops(1024 if args.quick else 2048)
+    rates = matmul_rates(1024 if args.quick else 2048)
     ort = import_onnxruntime()
-    header = (f"{machine_line(args.threads, mm)}; onnxruntime {ort.__version__} (CPUExecutionProvider, "
+    header = (f"{machine_line(args.threads, rates)}; onnxruntime {ort.__version__} (CPUExecutionProvider, "
               f"{args.threads} threads). Times: median of {repeats} wall-clock runs, variants interleaved.")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
