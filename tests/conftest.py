@@ -78,3 +78,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def require_bf16() -> None:
+    """Skip unless the native KBA kernels are built with their bf16 code (a CPU with AVX512_BF16)."""
+    from kbnet.ops import native
+
+    if not native.available():
+        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    if torch.bfloat16 not in native.native_dtypes():
+        pytest.skip(f"this CPU has no AVX512_BF16 (kernels built for {native.instruction_sets()})")

@@ -13,23 +13,14 @@ from kbnet.inference import Restorer
 from kbnet.models import create_model
 from kbnet.ops import native
 from kbnet.restore import main
+from tests.conftest import require_bf16
 from tests.test_inference_helpers import save_project_checkpoint
 from tests.test_lit_modules import NET_CONFIG, RECIPE, DeblurModule, PairsData, fit, tiny_net
 
 TINY = {"kbnet_s_tiny": {"width": 8}, "kbnet_l_tiny": {}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def require_bf16() -> None:
-    if not native.available() or torch.bfloat16 not in native.native_dtypes():
-        pytest.skip(f"no bf16 KBA kernels on this CPU ({native.instruction_sets() or native.unavailable_reason()})")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

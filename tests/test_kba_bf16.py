@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kbnet.ops import kba, native
+from tests.conftest import require_bf16
 from tests.reference import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,19 +26,7 @@ def rounded_from(rounded: torch.Tensor, exact: torch.Tensor) -> bool:
     return bool(((rounded.float() - exact).abs() <= BF16_ROUNDING * exact.abs() * (1 + 1e-4) + 1e-6).all())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def require_bf16() -> None:
-    if not native.available():
-        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
-    if torch.bfloat16 not in native.native_dtypes():
-        pytest.skip(f"this CPU has no AVX512_BF16 (kernels built for {native.instruction_sets()})")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def bf16_case(b, c, h, w, nset, groups, seed=0):

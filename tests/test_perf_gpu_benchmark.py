@@ -9,13 +9,7 @@ import torch
 import kbnet.ops.kernel_basis as kba_module
 from benchmarks import gpu
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_quick_run_prints_every_section_and_passes_the_launch_targets(capsys):

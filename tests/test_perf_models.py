@@ -15,13 +15,7 @@ from tests.reference import relative_error
 TINY = ("kbnet_s_tiny", "kbnet_l_tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine every parallel region waits for its slowest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(name: str) -> torch.nn.Module:
