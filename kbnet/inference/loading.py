@@ -97,6 +97,17 @@ def _project_state(content: Mapping, path: Path, weights: str) -> tuple[Mapping[
     return path, "weights"
 
 
+def _rebuild(path: Path, config: dict[str, Any], name: str, expect_name: str | None, source: str) -> nn.Module:
+    """The model a file's stored config describes; a preset the user named that differs from it is refused."""
+    if expect_name is not None and expect_name != name:
+        raise CheckpointError(f"{path} holds a {name!r} model, not {expect_name!r}: leave the model choice out "
+                              "(the file rebuilds its own) or pass the matching preset")
+    try:
+        return instantiate(config)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot rebuild the model from {source} {config}: {err}") from err
+
+
 def model_from_checkpoint(path: str | Path, content: Any = None, weights: str = "auto",
                           expect_name: str | None = None) -> LoadedModel:
     """Rebuild the backbone of one of our Lightning checkpoints from its saved config and load its weights."""
@@ -106,14 +117,7 @@ def model_from_checkpoint(path: str | Path, content: Any = None, weights: str = 
     if config is None:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no hyper_parameters.net_config)")
     name = str(config.get("name", config.get("_target_", "?")))
-    if expect_name is not None and expect_name != name:
-        raise CheckpointError(f"{path} holds a {name!r} model, not {expect_name!r}: leave the model choice out "
-                              "(the checkpoint rebuilds its own) or pass the matching preset")
-    try:
-        model = instantiate(config)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot rebuild the model from hyper_parameters.net_config {config}: "
-                              f"{err}") from err
+    model = _rebuild(path, config, name, expect_name, "hyper_parameters.net_config")
     state, what = _project_state(content, path, weights)
     load_weights(model, state)
     return LoadedModel(model.eval(), name, f"{path} ({name}, {what} of a project checkpoint)", config)
@@ -141,13 +145,7 @@ def model_from_safetensors(path: str | Path, preset: str | None = None) -> Loade
         return model_from_official(path, create_model(preset), preset)
     config = json.loads(stored)
     name = str(config.get("name", metadata.get("kbnet.preset", "?")))
-    if preset is not None and preset != name:
-        raise CheckpointError(f"{path} holds a {name!r} model, not {preset!r}: leave the model choice out (the file "
-                              "rebuilds its own) or pass the matching preset")
-    try:
-        model = instantiate(config)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot rebuild the model from its kbnet.config {config}: {err}") from err
+    model = _rebuild(path, config, name, preset, "its kbnet.config")
     load_weights(model, path)
     return LoadedModel(model.eval(), name, f"{path} ({name}, safetensors)", config)
 
