@@ -24,7 +24,10 @@ Check = Callable[[Any], str | None]
 
 TRAIN_KEYS = frozenset({"run_name", "resume", "seed", "global_batch_size", "init_weights", "torch_threads",
                         "compile", "paths", "task", "model", "data", "module", "trainer", "logger", "callbacks"})
-"""The top-level keys that ``train`` reads."""
+EVAL_KEYS = frozenset({"run_name", "ckpt_path", "pretrained", "weights", "device", "precision", "self_ensemble",
+                       "tile", "tile_overlap", "save_images", "overwrite", "sets", "torch_threads", "paths", "task",
+                       "model", "data", "logger"})
+"""The top-level keys that ``train`` and ``evaluate`` read."""
 TASK_KEYS = frozenset({"name", "channels", "sigma", "sigma_range", "lit_module", "progressive"})
 FLOAT16_PRECISIONS = frozenset({"16", "16-mixed", "16-true", "float16", "half", "fp16"})
 TRAIN_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "64-true", "64")

@@ -282,6 +282,13 @@ def check_run_dir(run_dir: Path, resume: bool, last_ckpt: Path | None) -> None:
             "or choose another run_name; nothing in it is overwritten.")
 
 
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """An evaluation replaces an earlier one's results only when asked to."""
+    if holds_run(out_dir) and not overwrite:
+        raise ExistingFileError(f"{out_dir} already holds an evaluation ({CONFIG_FILE} exists); choose another "
+                                "run_name or pass overwrite=true to replace its results")
+
+
 def save_run_config(cfg: DictConfig, run_dir: Path, resume: bool) -> Path:
     """Save the resolved config (and the command-line overrides); a resume adds ``config.resume<N>.yaml``."""
     run_dir.mkdir(parents=True, exist_ok=True)
