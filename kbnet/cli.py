@@ -39,13 +39,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kbnet.errors import UserError
-from kbnet.rundir import disk_full_error
+from kbnet.rundir import disk_full_error, holds_run
 
 EXIT_USER_ERROR = 2
 """Exit status of an expected error (as argparse uses for a bad command line)."""
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
-RUN_RECORD = "config.yaml"
-"""Written by a run (or evaluation) once its checks passed: a directory without it holds no run."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -182,7 +180,7 @@ class RunDirectoryGuard(Callback):
 def _remove_unused_run_dir() -> None:
     """Remove the directories created for this run (by Hydra, or a run id written during the checks) when the run
     never started: its directory holds no ``config.yaml``, the record every started run (or evaluation) writes."""
-    if not _State.new_paths or _State.run_dir is None or (_State.run_dir / RUN_RECORD).exists():
+    if not _State.new_paths or _State.run_dir is None or holds_run(_State.run_dir):
         return
     top = _State.new_paths[-1]
     if not top.is_dir():

@@ -1,6 +1,6 @@
-"""One validator for the values a user sets: types and ranges of ``trainer``, ``data``, ``module``, ``task`` and the
-top-level keys, checked on the resolved config before anything is written (no run directory is claimed, no run
-name is burnt by a typo).
+"""One validator for what a user sets: the keys (a key nobody reads is refused, so a typo in an experiment file is
+never silently ignored) and the types and ranges of ``trainer``, ``data``, ``module``, ``task`` and the top-level
+values, checked before anything is written (no run directory is claimed, no run name is burnt by a typo).
 
 Each rule names a dotted key and what it accepts; a key that is absent is not checked (an experiment may leave a
 group out), a present key must fit. Every bad value is reported at once, one line each: the key, the value found
@@ -22,6 +22,13 @@ from kbnet.errors import ConfigError
 Check = Callable[[Any], str | None]
 """Returns None when the value fits, else why not (e.g. "expected an integer >= 1")."""
 
+TRAIN_KEYS = frozenset({"run_name", "resume", "seed", "global_batch_size", "init_weights", "torch_threads",
+                        "compile", "paths", "task", "model", "data", "module", "trainer", "logger", "callbacks"})
+EVAL_KEYS = frozenset({"run_name", "ckpt_path", "pretrained", "weights", "device", "precision", "self_ensemble",
+                       "tile", "tile_overlap", "save_images", "overwrite", "sets", "torch_threads", "paths", "task",
+                       "model", "data", "logger"})
+"""The top-level keys that ``train`` and ``evaluate`` read."""
+TASK_KEYS = frozenset({"name", "channels", "sigma", "sigma_range", "lit_module", "progressive"})
 FLOAT16_PRECISIONS = frozenset({"16", "16-mixed", "16-true", "float16", "half", "fp16"})
 TRAIN_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "64-true", "64")
 EVAL_PRECISIONS = ("fp32", "bf16")
@@ -288,3 +295,11 @@ def check_train_config(cfg: DictConfig) -> None:
 def check_eval_config(cfg: DictConfig) -> None:
     """Refuse an evaluation config with a value of the wrong type or outside its range (all of them listed)."""
     _raise(problems(cfg, EVAL_RULES))
+
+
+def check_known_keys(node: Mapping[str, Any], known: frozenset[str], keys: str = "top-level config key(s)",
+                     where: str = "") -> None:
+    """Refuse keys of ``node`` outside ``known``; the message reads "unknown <keys> [...]<where>; known: [...]"."""
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ConfigError(f"unknown {keys} {unknown}{where}; known: {sorted(known)}")

@@ -1,4 +1,5 @@
-"""Files of a run directory that survive any fault: atomic writes, the run lock and the run's status.
+"""The run directory: files that survive any fault (atomic writes, the run lock, the run's status) and the rules
+that keep one run per directory, shared by training and evaluation.
 
 * Every file a run writes (checkpoints, ``result.json``, ``config*.yaml``) goes to a temporary file in the
   target's own directory, is flushed and fsynced, and is renamed over the target. A rename within one file system
@@ -9,6 +10,8 @@
   removed. Temporaries of a killed process cannot be removed by it: the next start of the run cleans them.
 * ``run.lock`` holds the process id and host of the run that owns the directory. The next start tells a run that
   was killed (lock of a dead process, ``result.json`` still ``running``) from one that is still going.
+* ``config.yaml`` is written once a run's (or an evaluation's) checks passed: a directory holding it holds a run,
+  which a new run never reuses; a resume keeps it and adds ``config.resume<N>.yaml``.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from kbnet.errors import UserError
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kbnet.errors import ExistingFileError, MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
 TEMP_MARKER = ".kbnet-tmp-"
 """Temporary files are named ``.<target name>.kbnet-tmp-<random>``, so leftovers are recognised by name."""
+CONFIG_FILE = "config.yaml"
+"""The resolved config of the run; its presence marks a directory that holds a run (or an evaluation)."""
 LOCK_FILE = "run.lock"
 RESULT_FILE = "result.json"
 RUNNING, COMPLETED, FAILED, INTERRUPTED, KILLED = "running", "completed", "failed", "interrupted", "killed"
@@ -254,3 +262,68 @@ def completed_result(run_dir: Path, last_ckpt: Path, max_steps: int) -> dict[str
     log.info("run %s is complete (%d of trainer.max_steps=%d steps): its result is kept; raise trainer.max_steps "
              "to train it further", run_dir, step, max_steps)
     return result
+
+
+def holds_run(directory: Path) -> bool:
+    """Whether a run (or an evaluation) started in ``directory``: its checks passed and it saved its config."""
+    return (directory / CONFIG_FILE).exists()
+
+
+def check_run_dir(run_dir: Path, resume: bool, last_ckpt: Path | None) -> None:
+    """A new run never lands in a started run's directory; a resume needs something to resume."""
+    if resume:
+        if last_ckpt is None or not last_ckpt.is_file():
+            raise MissingFileError(
+                f"resume=true but {last_ckpt} does not exist: the run in {run_dir} has no checkpoint to continue "
+                "(it may have stopped before its first checkpoint). Start a new run with another run_name.")
+    elif holds_run(run_dir):
+        raise ExistingFileError(
+            f"run directory {run_dir} already holds a run ({CONFIG_FILE} exists). Pass resume=true to continue it "
+            "or choose another run_name; nothing in it is overwritten.")
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """An evaluation replaces an earlier one's results only when asked to."""
+    if holds_run(out_dir) and not overwrite:
+        raise ExistingFileError(f"{out_dir} already holds an evaluation ({CONFIG_FILE} exists); choose another "
+                                "run_name or pass overwrite=true to replace its results")
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path, resume: bool) -> Path:
+    """Save the resolved config (and the command-line overrides); a resume adds ``config.resume<N>.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    if resume:
+        n = 1
+        while (path := run_dir / f"config.resume{n}.yaml").exists():
+            n += 1
+        original = OmegaConf.load(run_dir / CONFIG_FILE) if holds_run(run_dir) else None
+        if original is not None:
+            changed = _changed_keys(OmegaConf.to_container(original), OmegaConf.to_container(cfg))
+            changed = [k for k in changed if k != "resume"]
+            if changed:
+                log.warning("resuming with a config that differs from %s in: %s", CONFIG_FILE, ", ".join(changed))
+    write_text(path, OmegaConf.to_yaml(cfg))
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+        write_text(path.with_name(path.stem + ".overrides.txt"), "\n".join(overrides) + "\n")
+    return path
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def claim_run_dir(lock: RunLock, cfg: DictConfig, record: Mapping[str, Any]) -> Path:
+    """Mark the run directory as this run's once every check passed: take its lock, remove what killed writes
+    left, save the config and ``record`` as ``result.json``; returns the saved config's path."""
+    run_dir = lock.path.parent
+    if lock.acquire():
+        log.warning("the previous process in %s was killed (its lock was never released)", run_dir)
+    clean_temporaries(run_dir)
+    config_path = save_run_config(cfg, run_dir, cfg.resume)
+    write_json(run_dir / RESULT_FILE, record)
+    return config_path

@@ -4,7 +4,7 @@
   with the same command line, so under ``-m`` each rank would run the whole sweep (and the Optuna sampler would
   draw different trials per rank). Those combinations are refused before anything is written, with the ways that
   work: ``strategy=ddp_spawn``, one torchrun per job, or ``launcher=slurm`` where submitit starts the ranks of
-  each job.
+  each job. Ranks that torchrun or srun start each resolve ``run_name`` themselves, so it must not depend on time.
 * Sweep summary: a Hydra callback writes one row per job (overrides, status, best ``val/psnr``, best checkpoint)
   into ``<sweep dir>/sweep_summary.csv``. Each job leaves its row as a file in its run directory and the table is
   rebuilt from all rows after every job, so it is complete even when a job fails, the sweep is interrupted, or
@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kbnet.errors import ConfigError
 from kbnet.rundir import (
@@ -35,6 +35,7 @@ from kbnet.rundir import (
     KILLED,
     RESULT_FILE,
     RUNNING,
+    holds_run,
     read_json,
     run_status,
     write_json,
@@ -102,6 +103,18 @@ def check_sweep_launch(relaunches_script: bool, processes: int) -> None:
                           "multirun mode): `python train.py -m launcher=slurm ...`")
 
 
+def check_run_name_agreement(cfg: DictConfig) -> None:
+    """Ranks started by torchrun or srun resolve ``run_name`` each on their own: a ``${now:...}`` default could
+    put them in different run directories (a second passes between their starts; other nodes start later)."""
+    launcher = external_launcher()
+    raw_name = OmegaConf.to_container(cfg, resolve=False).get("run_name")
+    if launcher in ("torchrun", "srun") and "${now:" in str(raw_name):
+        raise ConfigError(
+            f"this run was started by {launcher} in several processes, which would each resolve "
+            f"run_name={raw_name} at their own time and could disagree on the run directory; pass an explicit "
+            "run_name (e.g. run_name=sidd_8gpu) so every rank uses the same one")
+
+
 @dataclass(frozen=True)
 class SweepJob:
     """This process's job in a Hydra multirun."""
@@ -127,6 +140,15 @@ def current_sweep_job() -> SweepJob | None:
         return None
     hydra_cfg = HydraConfig.get()
     return SweepJob(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), tuple(hydra_cfg.overrides.task))
+
+
+def unstarted_sweep_job(run_dir: Path) -> bool:
+    """A sweep continued with ``resume=true`` resumes the jobs it ran; the ones it never reached (no run in their
+    directory yet) start from the beginning."""
+    if current_sweep_job() is None or holds_run(run_dir):
+        return False
+    log.warning("resume=true: sweep job in %s never started, so it starts now", run_dir)
+    return True
 
 
 def running_record() -> dict[str, Any]:

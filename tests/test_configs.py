@@ -14,23 +14,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from kbnet.builders import build_callbacks, build_loggers, build_module, check_launch, per_device_batch, resolve_config
 from kbnet.lit import DeblurModule, DenoiseModule, DerainModule, GaussianDenoiseModule
 from kbnet.models.kbnet_l import KBBlockL
 from kbnet.models.kbnet_s import KBBlockS
 from kbnet.models.summary import count_parameters
-from kbnet.training import (
-    WANDB_ID_FILE,
-    build_callbacks,
-    build_loggers,
-    build_module,
-    check_launch,
-    per_device_batch,
-    resolve_config,
-)
+from kbnet.tracking import WANDB_ID_FILE, evaluation_wandb_spec, training_wandb_spec
 from tests.conftest import CONFIG_DIR, compose_train
 
 TASKS = {
@@ -149,18 +142,49 @@ def test_uneven_global_batch_is_refused() -> None:
         per_device_batch(64, SimpleNamespace(num_devices=3, num_nodes=1))
 
 
+def training_loggers(cfg: DictConfig, run_dir: Path, is_launcher: bool = True) -> list[Logger]:
+    """The loggers ``train`` builds for a run in ``run_dir``."""
+    return build_loggers(cfg, functools.partial(training_wandb_spec, cfg, run_dir, is_launcher))
+
+
 @pytest.mark.parametrize(("logger", "cls"), [("csv", CSVLogger), ("tensorboard", TensorBoardLogger),
                                             ("wandb", WandbLogger)])
 def test_loggers_instantiate(logger: str, cls: type, tmp_path: Path) -> None:
     cfg = resolve_config(compose_train(f"logger={logger}", f"paths.output_dir={tmp_path}"))
-    (built,) = build_loggers(cfg, tmp_path, is_launcher=True)
+    (built,) = training_loggers(cfg, tmp_path)
     assert isinstance(built, cls)
     if cls is WandbLogger:
         run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
         assert built._wandb_init["id"] == run_id and built._offline
         assert built._wandb_init["config"]["task"]["name"] == "gaussian_denoise"
-    assert build_loggers(resolve_config(compose_train("logger=none", f"paths.output_dir={tmp_path}")),
-                         tmp_path, is_launcher=True) == []
+    assert training_loggers(resolve_config(compose_train("logger=none", f"paths.output_dir={tmp_path}")),
+                            tmp_path) == []
+
+
+def test_build_loggers_completes_only_wandb_nodes_and_skips_null_ones(tmp_path: Path) -> None:
+    """Training and evaluation build their loggers alike; only how a wandb node is completed differs."""
+    cfg = OmegaConf.create({"logger": {
+        "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path)},
+        "off": None,
+        "wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger", "save_dir": str(tmp_path), "offline": True,
+                  "job_type": "train", "log_model": True}}})
+    completed = []
+
+    def complete(spec: dict) -> dict:
+        completed.append(spec["_target_"])
+        return evaluation_wandb_spec(spec)
+
+    csv_logger, wandb_logger = build_loggers(cfg, complete)
+    assert isinstance(csv_logger, CSVLogger) and isinstance(wandb_logger, WandbLogger)
+    assert completed == ["lightning.pytorch.loggers.WandbLogger"]
+    assert wandb_logger._wandb_init["job_type"] == "eval" and wandb_logger._log_model is False
+    assert not (tmp_path / WANDB_ID_FILE).exists()  # an evaluation keeps no run id
+
+
+def test_a_logger_node_that_builds_no_logger_is_refused() -> None:
+    cfg = OmegaConf.create({"logger": {"bad": {"_target_": "lightning.pytorch.callbacks.Callback"}}})
+    with pytest.raises(TypeError, match="logger.bad must build a Lightning Logger, got Callback"):
+        build_loggers(cfg, evaluation_wandb_spec)
 
 
 @pytest.mark.parametrize("debug", ["default", "fdr", "profiler"])

@@ -24,8 +24,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from kbnet.sweep import RESULT_FILE
-from kbnet.training import CONFIG_FILE, train
+from kbnet.rundir import CONFIG_FILE, RESULT_FILE
+from kbnet.training import train
 from tests.conftest import ROOT, compose_train
 from tests.test_wandb import offline_runs
 

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import CompactHydraException
 
 from kbnet.cli import EXIT_USER_ERROR, describe_hydra_error, user_errors
-from kbnet.config_check import check_eval_config, check_train_config
+from kbnet.config_check import EVAL_KEYS, TASK_KEYS, TRAIN_KEYS, check_eval_config, check_known_keys, check_train_config
 from kbnet.data.datasets import PairedImageDataset
 from kbnet.data.verify import verify_datasets
 from kbnet.errors import ConfigError, DataError, UserError
@@ -129,6 +129,21 @@ def test_eval_validator_refuses_float16_and_negative_tiles() -> None:
         "precision='fp16': float16 is refused (KBNet is not float16-safe); use fp32 or bf16",
         "tile=-1: expected an integer >= 0 or null",
         "(3 invalid values)"]
+
+
+def test_one_key_check_names_the_unknown_and_the_known_keys() -> None:
+    """Training and evaluation refuse keys nobody reads with the same check; only where the keys are differs."""
+    check_known_keys({"seed": 1, "trainer": {}}, TRAIN_KEYS)
+    with pytest.raises(ConfigError) as info:
+        check_known_keys({"seed": 1, "max_step": 5, "lr": 1}, TRAIN_KEYS)
+    assert str(info.value) == f"unknown top-level config key(s) ['lr', 'max_step']; known: {sorted(TRAIN_KEYS)}"
+    with pytest.raises(ConfigError) as info:
+        check_known_keys({"tiles": 3}, EVAL_KEYS, where=" in the evaluation config")
+    assert str(info.value) == (f"unknown top-level config key(s) ['tiles'] in the evaluation config; known: "
+                               f"{sorted(EVAL_KEYS)}")
+    with pytest.raises(ConfigError) as info:
+        check_known_keys({"name": "derain", "sigmas": 1}, TASK_KEYS, "key(s)", " in the task config (derain)")
+    assert str(info.value) == f"unknown key(s) ['sigmas'] in the task config (derain); known: {sorted(TASK_KEYS)}"
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from skimage.metrics import structural_similarity
 
+import kbnet.evaluation.runner
 from kbnet.evaluation import PROTOCOLS, evaluate
 from kbnet.evaluation.protocols import indoor_outdoor_pairs
 from kbnet.imageio import read_image
@@ -23,6 +24,7 @@ from kbnet.models import WeightLoadError
 from kbnet.training import train
 from tests.conftest import compose_train, tiny_run_overrides
 from tests.test_inference_helpers import save_official_checkpoint, save_project_checkpoint
+from tests.test_wandb import offline_runs
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SMALL_DEMO = ("data.val_size=32", "data.train_size=16")
@@ -98,6 +100,28 @@ def test_wandb_offline_gets_the_results_table(tmp_path, monkeypatch):
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["set", "images", "psnr", "ssim"] and table["data"][0][:2] == ["demo", 3]
     assert list((out / "wandb").rglob("images_*.table.json"))
+    (run,) = offline_runs(out / "wandb")
+    assert run.exit_code == 0
+
+
+def test_an_evaluation_failing_to_log_finishes_its_wandb_run_with_a_failure_exit_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+    def lost_connection(*args):
+        raise ConnectionError("simulated logging failure")
+
+    monkeypatch.setattr(kbnet.evaluation.runner, "log_results", lost_connection)
+    ckpt = tmp_path / "last.ckpt"
+    save_project_checkpoint(ckpt, "kbnet_s_tiny", width=8)
+    out = tmp_path / "eval"
+    with pytest.raises(ConnectionError, match="simulated logging failure"):
+        evaluate(compose_eval(out, f"ckpt_path={ckpt}", "logger=wandb", *SMALL_DEMO))
+    (run,) = offline_runs(out / "wandb")
+    assert run.exit_code == 1
+    import wandb
+
+    assert wandb.run is None
 
 
 def test_a_trained_checkpoint_scores_as_its_validation(tmp_path):

@@ -30,6 +30,7 @@ from kbnet.errors import UserError
 from kbnet.lit.base import NonFiniteGradientError
 from kbnet.rundir import (
     LOCK_FILE,
+    RESULT_FILE,
     TEMP_MARKER,
     DiskWriteError,
     RunDirectoryInUse,
@@ -38,7 +39,7 @@ from kbnet.rundir import (
     run_status,
     write_json,
 )
-from kbnet.sweep import RESULT_FILE, ROW_FILE, read_rows
+from kbnet.sweep import ROW_FILE, read_rows
 from kbnet.training import train
 from tests.conftest import ROOT, compose_train, hydra_job, tiny_run_overrides
 

@@ -16,8 +16,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kbnet.rundir import CONFIG_FILE, RESULT_FILE
 from kbnet.sweep import (
-    RESULT_FILE,
     ROW_FILE,
     SUMMARY_COLUMNS,
     SUMMARY_FILE,
@@ -27,7 +27,7 @@ from kbnet.sweep import (
     external_launcher,
     is_launch_process,
 )
-from kbnet.training import CONFIG_FILE, train
+from kbnet.training import train
 from tests.conftest import CONFIG_DIR, ROOT, compose_train, hydra_job, tiny_run_overrides
 from tests.test_wandb import offline_runs
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kbnet.data import DatasetNotFoundError
-from kbnet.training import CONFIG_FILE, WANDB_ID_FILE, train
+from kbnet.rundir import CONFIG_FILE
+from kbnet.tracking import WANDB_ID_FILE
+from kbnet.training import train
 from tests.conftest import compose_train, tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -8,7 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from kbnet.training import WANDB_ID_FILE, train
+from kbnet.tracking import WANDB_ID_FILE
+from kbnet.training import train
 from tests.conftest import compose_train, tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -22,10 +22,13 @@ from lightning.pytorch.loggers import CSVLogger
 from wandb.proto import wandb_internal_pb2
 
 import kbnet.lit.callbacks
+from kbnet.builders import resolve_config
 from kbnet.lit.callbacks import BestMetric, Throughput
-from kbnet.sweep import RESULT_FILE
-from kbnet.training import WANDB_ID_FILE, build_loggers, git_revision, resolve_config, train
+from kbnet.rundir import RESULT_FILE
+from kbnet.tracking import WANDB_ID_FILE, git_revision
+from kbnet.training import train
 from tests.conftest import compose_train, hydra_job, tiny_run_overrides
+from tests.test_configs import training_loggers
 
 BLOCK_SIZE = 32768
 FILE_HEADER_SIZE = 7
@@ -154,14 +157,14 @@ def test_a_failing_run_finishes_its_wandb_run_with_a_failure_exit_code(tmp_path:
 def test_checkpoints_are_uploaded_as_artifacts_only_online(offline: bool, tmp_path: Path) -> None:
     cfg = resolve_config(compose_train("logger=wandb", f"logger.wandb.offline={offline}",
                                        f"paths.output_dir={tmp_path}"))
-    (logger,) = build_loggers(cfg, tmp_path, is_launcher=True)
+    (logger,) = training_loggers(cfg, tmp_path)
     assert logger._log_model is (not offline)
 
 
 def test_sweep_jobs_are_separate_wandb_runs_grouped_by_sweep(tmp_path: Path) -> None:
     with hydra_job(RunMode.MULTIRUN, tmp_path / "3", "logger=wandb", "run_name=lr_sweep", job_num=3) as cfg:
         cfg = resolve_config(cfg)
-        (logger,) = build_loggers(cfg, tmp_path / "3", is_launcher=True)
+        (logger,) = training_loggers(cfg, tmp_path / "3")
     sweep_dir = Path(cfg.paths.log_dir) / "multirun" / "lr_sweep"
     assert logger._wandb_init["group"] == f"sweep-{sweep_dir.name}" == "sweep-lr_sweep"
     assert logger._wandb_init["name"] == "lr_sweep-3"
@@ -171,7 +174,7 @@ def test_sweep_jobs_are_separate_wandb_runs_grouped_by_sweep(tmp_path: Path) -> 
 
 def test_other_ranks_neither_create_nor_read_the_wandb_run_id(tmp_path: Path) -> None:
     cfg = resolve_config(compose_train("logger=wandb", f"paths.output_dir={tmp_path}"))
-    (logger,) = build_loggers(cfg, tmp_path, is_launcher=False)
+    (logger,) = training_loggers(cfg, tmp_path, is_launcher=False)
     assert logger._wandb_init["id"] is None and not (tmp_path / WANDB_ID_FILE).exists()
 
 

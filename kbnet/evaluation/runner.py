@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kbnet.config_check import check_eval_config
-from kbnet.errors import ConfigError, DataError, ExistingFileError
+from kbnet.builders import build_loggers
+from kbnet.config_check import EVAL_KEYS, check_eval_config, check_known_keys
+from kbnet.errors import ConfigError, DataError
 from kbnet.evaluation.protocols import Protocol, get_protocol
 from kbnet.evaluation.reporting import log_results, summary_markdown, summary_rows, write_summary
 from kbnet.imageio import write_image
@@ -35,22 +35,15 @@ from kbnet.inference.loading import model_from_onnx, net_config_of, read_checkpo
 from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel
 from kbnet.metrics import MetricTable
 from kbnet.models import WeightLoadError
-from kbnet.rundir import write_text
+from kbnet.rundir import CONFIG_FILE, check_output_dir, write_text
+from kbnet.tracking import evaluation_wandb_spec, finish_wandb
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-TOP_LEVEL_KEYS = frozenset({"run_name", "ckpt_path", "pretrained", "weights", "device", "precision", "self_ensemble",
-                            "tile", "tile_overlap", "save_images", "overwrite", "sets", "torch_threads", "paths",
-                            "task", "model", "data", "logger"})
 
 
 def check_config(cfg: DictConfig) -> None:
     """Unknown keys (typos) and an ambiguous or missing weights source are refused before any work."""
-    unknown = sorted(set(cfg) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown top-level config key(s) {unknown} in the evaluation config; known: "
-                          f"{sorted(TOP_LEVEL_KEYS)}")
+    check_known_keys(cfg, EVAL_KEYS, where=" in the evaluation config")
     if (cfg.get("ckpt_path") is None) == (cfg.get("pretrained") is None):
         raise ConfigError("evaluation needs exactly one weights source: ckpt_path=<one of our checkpoints> (it "
                           "rebuilds its own model) or pretrained=<official release file> together with model=<preset>")
@@ -89,12 +82,6 @@ def load_eval_model(cfg: DictConfig) -> LoadedModel:
     except WeightLoadError as err:
         raise WeightLoadError(f"pretrained={cfg.pretrained} does not fit model={model_cfg.name} "
                               f"(task={cfg.task.name}, {cfg.task.channels} channel(s)):\n{err}") from err
-
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if (out_dir / CONFIG_FILE).exists() and not overwrite:
-        raise ExistingFileError(f"{out_dir} already holds an evaluation ({CONFIG_FILE} exists); choose another "
-                                "run_name or pass overwrite=true to replace its results")
 
 
 def build_restorer(cfg: DictConfig, model: torch.nn.Module, protocol: Protocol) -> Restorer:
@@ -158,30 +145,6 @@ def combined_table(name: str, members: Sequence[str], tables: Mapping[str, Metri
     return table
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """The configured loggers (``logger=wandb|csv|tensorboard``); a wandb run is marked as an evaluation job and
-    uploads no model (an evaluation produces none)."""
-    loggers = []
-    for key, node in (cfg.get("logger") or {}).items():
-        if node is None:
-            continue
-        if get_class(node._target_) is WandbLogger:
-            node = OmegaConf.merge(node, {"job_type": "eval", "log_model": False})
-        logger = instantiate(node)
-        if not isinstance(logger, Logger):
-            raise TypeError(f"logger.{key} must build a Lightning Logger, got {type(logger).__name__}")
-        loggers.append(logger)
-    return loggers
-
-
-def _finish_wandb(loggers: Sequence[Logger]) -> None:
-    if any(isinstance(logger, WandbLogger) for logger in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one checkpoint on every test set of ``cfg.data``; returns the run directory and the per-set means."""
     check_config(cfg)
@@ -224,11 +187,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_summary(out_dir / "summary", rows, meta, overwrite=cfg.overwrite)
     log.info("\n%s", summary_markdown(rows, ["set", "images", *protocol.metrics], f"{cfg.task.name}: {loaded.source}"))
 
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, evaluation_wandb_spec)
+    succeeded = False
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg))
         log_results(loggers, rows, tables)
+        succeeded = True
     finally:
-        _finish_wandb(loggers)
+        finish_wandb(loggers, succeeded)
     return {"output_dir": str(out_dir), "results": {row["set"]: dict(row) for row in rows}}
