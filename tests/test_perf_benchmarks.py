@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from benchmarks import kba as kba_benchmark
-from benchmarks import models as models_benchmark
-from benchmarks.common import bf16_kernels, cpu_model, memory_supported
+from kbnet.benchmarks import kba as kba_benchmark
+from kbnet.benchmarks import models as models_benchmark
+from kbnet.benchmarks.common import bf16_kernels, cpu_model, memory_supported
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kbnet.ops.kernel_basis as kba_module
-from benchmarks import gpu
+from kbnet.benchmarks import gpu
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,12 +1,12 @@
 """KBA alone: ``kbnet.ops.kba`` against the official formulation at every per-level shape of KBNet_s and KBNet_l.
 
-    python -m benchmarks.kba                 # the full table (takes several minutes on 2 cores)
-    python -m benchmarks.kba --quick         # tiny shapes, one repeat: a smoke run
+    kbnet-bench kba          # the full table (takes several minutes on 2 cores)
+    kbnet-bench kba --quick  # tiny shapes, one repeat: a smoke run
 
 For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the
 forward pass and forward+backward (gradients of all four inputs), interleaving the implementations, and measures
-their peak memory in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means
-ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16); its rates
+their peak memory in fresh worker processes (see ``kbnet.benchmarks.common``). Ratios are reference / ours: above 1
+means ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16); its rates
 are given as a share of the matmul rate of the same dtype, measured in the same run (FLOPs: the official
 formulation's MACs ×2, a forward+backward counted as 3× the forward).
 """
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.common import (
+from kbnet.benchmarks.common import (
     MEMORY_METHOD,
     bf16_kernels,
     machine_line,
@@ -129,7 +129,7 @@ def worker(payload: dict) -> dict:
 
 def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, threads: int, memory: bool,
             bf16: bool = False) -> list[dict]:
-    peaks = {impl: run_worker("benchmarks.kba", {"impl": impl, "threads": threads,
+    peaks = {impl: run_worker("kbnet.benchmarks.kba", {"impl": impl, "threads": threads,
                                                  "cases": [asdict(c) for c in selected]}, threads)["peaks"]
              for impl in impls} if memory else {}
     results = []

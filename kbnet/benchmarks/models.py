@@ -1,9 +1,9 @@
 """Whole backbones: each preset with ``kbnet.ops.kba`` against the same network running the official KBA.
 
-    python -m benchmarks.models              # full tables (about half an hour on 2 cores)
-    python -m benchmarks.models --quick      # tiny presets at 16², one repeat: a smoke run
-    python -m benchmarks.models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
-    python -m benchmarks.models --compile    # + torch.compile columns (the subject's KBA, compiled after warm-up)
+    kbnet-bench models            # full tables (about half an hour on 2 cores)
+    kbnet-bench models --quick    # tiny presets at 16², one repeat: a smoke run
+    kbnet-bench models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
+    kbnet-bench models --compile  # + torch.compile columns (the subject's KBA, compiled after warm-up)
 
 Measured per preset: inference on one 256² image, and one training step at 128², batch 2 (forward, L1 loss,
 backward, AdamW step): median time and peak memory of both variants, their ratios, the achieved GFLOP/s and the
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
+from kbnet.benchmarks.common import (
     MEMORY_METHOD,
     bf16_kernels,
     floor_seconds,
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               + ([ms(timing["compiled"].wall), ratio(timing[ours].wall, timing["compiled"].wall)]
                                  if args.compile else []))
         if memory:
-            peaks = {impl: run_worker("benchmarks.models", {
+            peaks = {impl: run_worker("kbnet.benchmarks.models", {
                 "model": name, "impl": impl, "threads": args.threads, "fit": setup["fit"], "train": setup["train"],
                 "verify": args.verify_size if impl == ours else []}, args.threads) for impl in impls}
             infer_key = str(setup["infer"])

@@ -1,4 +1,4 @@
-"""Shared measurement helpers of the benchmark scripts: timing, peak memory in isolated workers, Markdown tables.
+"""Shared measurement helpers of the benchmarks: timing, peak memory in isolated workers, Markdown tables.
 
 Why workers: the process-wide resident set only tells the memory of one variant if nothing else ran before it in
 the process and freed memory really goes back to the system. Each variant therefore runs in a fresh subprocess
@@ -25,7 +25,8 @@ import torch
 
 from kbnet.ops import native
 
-ROOT = Path(__file__).resolve().parents[1]
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
+"""The folder this ``kbnet`` is imported from (a checkout or site-packages), so the workers run the same code."""
 MEMORY_METHOD = ("peak RSS above the RSS before the call (Linux VmHWM reset through /proc/self/clear_refs), one fresh "
                  "subprocess per variant, glibc mmap threshold 64 KiB so freed memory is returned, after one warm-up "
                  "call")
@@ -126,10 +127,16 @@ def memory_supported() -> bool:
     return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
 
 
+def import_path() -> str:
+    """``PYTHONPATH`` for a child process: ``IMPORT_ROOT`` first, then what this process was given."""
+    given = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return os.pathsep.join([str(IMPORT_ROOT), *given])
+
+
 def run_worker(module: str, payload: dict, threads: int) -> dict:
     """Run ``python -m <module> --worker <json>`` in a fresh process and return the JSON it prints last."""
-    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(payload)], cwd=ROOT, env=env,
+    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": import_path()}
+    result = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(payload)], cwd=IMPORT_ROOT, env=env,
                             capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"benchmark worker {module} {payload} failed:\n{result.stderr[-3000:]}")

@@ -1,8 +1,8 @@
 """Deployment speed: onnxruntime vs PyTorch eager vs ``torch.compile`` inference, and the choice of the exported KBA.
 
-    python -m benchmarks.deploy                  # three presets at 256², one image (slow: exports each preset)
-    python -m benchmarks.deploy --kba            # the two decomposed KBA formulations under onnxruntime, per level
-    python -m benchmarks.deploy --quick          # tiny presets at 32² (smoke run)
+    kbnet-bench deploy          # three presets at 256², one image (slow: exports each preset)
+    kbnet-bench deploy --kba    # the two decomposed KBA formulations under onnxruntime, per level
+    kbnet-bench deploy --quick  # tiny presets at 32² (smoke run)
 
 Models table: each preset (random weights) is exported with ``kbnet-export`` (decomposed KBA, verified) and run by
 onnxruntime on the CPU; PyTorch runs it eagerly (default KBA, the fast native kernels) and compiled
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import machine_line, markdown_table, matmul_rates, ms, ratio, time_calls
-from benchmarks.kba import KERNEL, cases, inputs
+from kbnet.benchmarks.common import machine_line, markdown_table, matmul_rates, ms, ratio, time_calls
+from kbnet.benchmarks.kba import KERNEL, cases, inputs
 from kbnet.export import VERIFY_SIZES, export_model
 from kbnet.inference.loading import LoadedModel
 from kbnet.inference.onnx_model import OnnxModel, import_onnxruntime
