@@ -7,9 +7,11 @@ import re
 import pytest
 import torch
 
+from kbnet.benchmarks import command
 from kbnet.benchmarks import kba as kba_benchmark
 from kbnet.benchmarks import models as models_benchmark
 from kbnet.benchmarks.common import bf16_kernels, cpu_model, memory_supported
+from kbnet.errors import DataError
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +69,36 @@ def test_unknown_implementation_is_refused(capsys):
     with pytest.raises(SystemExit):
         kba_benchmark.main(["--quick", "--impls", "auto,fastest"])
     assert "fastest" in capsys.readouterr().err
+
+
+def test_kbnet_bench_lists_every_benchmark_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name, line in command.BENCHMARKS.items():
+        assert re.search(rf"^  {name} +{re.escape(line)}$", out, re.M), name
+
+
+def test_kbnet_bench_refuses_an_unknown_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["fastest", "--quick"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_kbnet_bench_hands_the_rest_of_the_command_line_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["kba", "--quick", "--impls", "auto,fastest"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "kbnet-bench kba: error: --impls needs at least two of" in err and "fastest" in err
+
+
+def test_a_user_error_in_a_benchmark_is_one_line_and_status_2(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise DataError("no such case file")
+
+    monkeypatch.setattr(kba_benchmark, "measure", missing)
+    assert command.main(["kba", "--quick", "--no-memory"]) == 2
+    assert capsys.readouterr().err == "error: no such case file\n"

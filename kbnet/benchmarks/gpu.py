@@ -18,7 +18,6 @@ when an implementation disagrees with the official formulation beyond tolerance.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import statistics
@@ -34,8 +33,10 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 
+from kbnet.benchmarks.command import benchmark_parser
 from kbnet.benchmarks.common import IMPORT_ROOT, import_path, markdown_table, mib
 from kbnet.benchmarks.kba import KERNEL, LEVELS, NSET, QUICK_LEVELS, Case, inputs
+from kbnet.cli import user_errors
 from kbnet.models import create_model
 from kbnet.ops import kba, kba_triton, launches, native, use_kba
 from kbnet.ops.kernel_basis import SLAB_ENV
@@ -318,8 +319,9 @@ def launch_table(setup: dict) -> tuple[str, list[bool]]:
             + markdown_table(header, rows)), targets
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser("gpu", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and models, one repeat (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-train-run", action="store_true", help="leave out the train.py throughput run")

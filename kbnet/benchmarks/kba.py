@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from kbnet.benchmarks.command import benchmark_parser
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
     bf16_kernels,
@@ -35,6 +37,7 @@ from kbnet.benchmarks.common import (
     run_worker,
     time_calls,
 )
+from kbnet.cli import user_errors
 from kbnet.ops import IMPLEMENTATIONS, kba
 
 NSET = 32
@@ -174,8 +177,9 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -
     return markdown_table(header, rows)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("kba", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one repeat (smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5; quick 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -189,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
-        return
+        return 0
     impls = args.impls.split(",")
     unknown = [i for i in impls if i not in IMPLEMENTATIONS]
     if len(impls) < 2 or unknown:
@@ -207,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "
           f"Peak memory: {MEMORY_METHOD if memory else 'not measured'}.\n")
     print(report(results, impls, rates))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from kbnet.benchmarks.command import benchmark_parser
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
     bf16_kernels,
@@ -38,6 +40,7 @@ from kbnet.benchmarks.common import (
     run_worker,
     time_calls,
 )
+from kbnet.cli import user_errors
 from kbnet.models import create_model
 from kbnet.models.summary import count_macs, count_parameters
 from kbnet.ops import IMPLEMENTATIONS, use_kba
@@ -105,8 +108,9 @@ def predicted_peak(fit: dict[str, int], weights: int, side: int) -> float:
     return weights + p0 + per_pixel * (side**2 - s0**2)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("models", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny presets at 16², one repeat (smoke run)")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3; quick 1)")
@@ -124,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
-        return
+        return 0
     setup = QUICK if args.quick else FULL
     models = args.models or setup["models"]
     impls = args.impls.split(",")
@@ -199,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                               f"train {ours} MiB", f"train {ref} MiB", "×", f"largest {ours}", f"largest {ref}",
                               f"2048² {ours} GiB (pred.)", f"2048² {ref} GiB (pred.)", f"measured {ours}"],
                              memory_rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
