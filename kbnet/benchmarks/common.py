@@ -9,6 +9,7 @@ measured call (``/proc/self/clear_refs``) after a warm-up call, so lazy one-time
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kbnet.ops import native
+from kbnet.ops import IMPLEMENTATIONS, native
 
 IMPORT_ROOT = Path(__file__).resolve().parents[2]
 """The folder this ``kbnet`` is imported from (a checkout or site-packages), so the workers run the same code."""
@@ -141,6 +142,50 @@ def run_worker(module: str, payload: dict, threads: int) -> dict:
     if result.returncode:
         raise RuntimeError(f"benchmark worker {module} {payload} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a run that times KBA implementations against each other measures (``kba``, ``models``)."""
+
+    impls: list[str]
+    """The subject first, the baseline last."""
+    repeats: int
+    memory: bool
+    """Peak memory in worker processes (where Linux can measure it)."""
+    bf16_off: str | None
+    """Why the subject's bf16 autocast variant is not measured; None when it is."""
+
+    @property
+    def bf16(self) -> bool:
+        return self.bf16_off is None
+
+    def bf16_note(self, measured: str) -> str:
+        """The header's bf16 sentence: ``measured`` describes the variant when it runs."""
+        return f"bf16: {measured if self.bf16 else self.bf16_off}"
+
+
+def add_comparison_options(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of a ``Comparison`` (read back by ``comparison``) and the hidden ``--worker`` of its memory
+    workers; ``repeats`` is the default of a full run (a ``--quick`` run repeats once)."""
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per variant (default {repeats}; quick 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--impls", default="auto,reference",
+                        help=f"comma-separated KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def comparison(parser: argparse.ArgumentParser, args: argparse.Namespace, repeats: int) -> Comparison:
+    impls = args.impls.split(",")
+    if len(impls) < 2 or any(i not in IMPLEMENTATIONS for i in impls):
+        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    bf16_off = ("not measured" if args.no_bf16 else
+                None if bf16_kernels() else "not measured (no bf16 KBA kernels on this CPU: no AVX512_BF16)")
+    return Comparison(impls, args.repeats or (1 if args.quick else repeats),
+                      not args.no_memory and memory_supported(), bf16_off)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

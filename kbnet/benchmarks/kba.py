@@ -13,7 +13,6 @@ formulation's MACs ×2, a forward+backward counted as 3× the forward).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -24,11 +23,11 @@ import torch
 from kbnet.benchmarks.command import benchmark_parser
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
-    bf16_kernels,
+    add_comparison_options,
+    comparison,
     machine_line,
     markdown_table,
     matmul_rates,
-    memory_supported,
     mib,
     ms,
     peak_bytes,
@@ -38,7 +37,7 @@ from kbnet.benchmarks.common import (
     time_calls,
 )
 from kbnet.cli import user_errors
-from kbnet.ops import IMPLEMENTATIONS, kba
+from kbnet.ops import kba
 
 NSET = 32
 KERNEL = 3
@@ -80,6 +79,7 @@ QUICK_LEVELS = {"KBNet_s": (4, [("L1/8", 8, 1), ("L2/8", 16, 2)]), "KBNet_l": (2
 
 
 SIZES = (128, 256)
+REPEATS = 5
 
 
 def cases(quick: bool, sizes: Sequence[int] = SIZES) -> list[Case]:
@@ -181,35 +181,23 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = benchmark_parser("kba", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one repeat (smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5; quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--impls", default="auto,reference",
-                        help=f"comma-separated implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
                         help="input sizes whose per-level shapes are measured (default: 128 256)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in IMPLEMENTATIONS]
-    if len(impls) < 2 or unknown:
-        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    run = comparison(parser, args, REPEATS)
+    impls, repeats = run.impls, run.repeats
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 5)
-    memory = not args.no_memory and memory_supported()
-    bf16 = not args.no_bf16 and bf16_kernels()
-    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, memory, bf16)
+    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, run.memory, run.bf16)
     rates = matmul_rates(1024 if args.quick else 2048)
-    bf16_note = (f"bf16: {impls[0]} under bf16 autocast (bf16 kernels, float32 sums)" if bf16 else
-                 "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
+    bf16_note = run.bf16_note(f"{impls[0]} under bf16 autocast (bf16 kernels, float32 sums)")
     print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
           f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "
-          f"Peak memory: {MEMORY_METHOD if memory else 'not measured'}.\n")
+          f"Peak memory: {MEMORY_METHOD if run.memory else 'not measured'}.\n")
     print(report(results, impls, rates))
     return 0
 

@@ -15,7 +15,6 @@ image each variant restores in one piece within the memory budget comes from the
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,12 +26,12 @@ import torch.nn.functional as F
 from kbnet.benchmarks.command import benchmark_parser
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
-    bf16_kernels,
+    add_comparison_options,
+    comparison,
     floor_seconds,
     machine_line,
     markdown_table,
     matmul_rates,
-    memory_supported,
     mib,
     ms,
     peak_bytes,
@@ -43,11 +42,12 @@ from kbnet.benchmarks.common import (
 from kbnet.cli import user_errors
 from kbnet.models import create_model
 from kbnet.models.summary import count_macs, count_parameters
-from kbnet.ops import IMPLEMENTATIONS, use_kba
+from kbnet.ops import use_kba
 
 FULL = {"models": ("kbnet_s_sidd", "kbnet_s", "kbnet_l"), "infer": 256, "train": 128, "fit": (128, 256)}
 QUICK = {"models": ("kbnet_s_tiny", "kbnet_l_tiny"), "infer": 16, "train": 16, "fit": (8, 16)}
 TRAIN_BATCH = 2
+REPEATS = 3
 SIZE_MULTIPLE = 16
 
 
@@ -113,33 +113,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = benchmark_parser("models", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny presets at 16², one repeat (smoke run)")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3; quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--impls", default="auto,reference",
-                        help=f"KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
     parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest image (GiB)")
     parser.add_argument("--verify-size", type=int, nargs="*", default=[],
                         help="also measure the subject's peak restoring one image of this side (slow)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
     parser.add_argument("--compile", action="store_true",
                         help="also time the subject compiled with torch.compile (eager / compiled ratio)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     setup = QUICK if args.quick else FULL
     models = args.models or setup["models"]
-    impls = args.impls.split(",")
-    if len(impls) < 2 or any(i not in IMPLEMENTATIONS for i in impls):
-        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    run = comparison(parser, args, REPEATS)
+    impls, repeats, memory, bf16 = run.impls, run.repeats, run.memory, run.bf16
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
-    memory = not args.no_memory and memory_supported()
     rates = matmul_rates(1024 if args.quick else 2048)
     mm = rates["float32"]
-    bf16 = not args.no_bf16 and bf16_kernels()
     budget = int(args.budget_gb * 2**30)
     ours, ref = impls[0], impls[-1]
 
@@ -186,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ", ".join(f"{s}²: {(weights + p) / 2**30:.2f} GiB" for s, p in peaks[ours]["verify"].items()) or "-"])
         del model
 
-    bf16_note = (f"bf16: {ours} under bf16 autocast, floor at the bf16 matmul rate" if bf16 else
-                 "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
+    bf16_note = run.bf16_note(f"{ours} under bf16 autocast, floor at the bf16 matmul rate")
     print(f"Backbones, float32. {machine_line(args.threads, rates)}. Times: median of {repeats} wall-clock runs, "
           f"variants interleaved; × = {ref} / {ours} (CPU-time × uses the process CPU time, less sensitive to other "
           f"load); floor = FLOPs at the float32 matmul rate. {bf16_note}.\n")
