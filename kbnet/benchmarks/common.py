@@ -1,4 +1,4 @@
-"""Shared measurement helpers of the benchmarks: timing, peak memory in isolated workers, Markdown tables.
+"""Shared measurement helpers of the benchmarks: timing, peak memory in isolated workers, the shared options.
 
 Why workers: the process-wide resident set only tells the memory of one variant if nothing else ran before it in
 the process and freed memory really goes back to the system. Each variant therefore runs in a fresh subprocess
@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,13 +186,6 @@ def comparison(parser: argparse.ArgumentParser, args: argparse.Namespace, repeat
                 None if bf16_kernels() else "not measured (no bf16 KBA kernels on this CPU: no AVX512_BF16)")
     return Comparison(impls, args.repeats or (1 if args.quick else repeats),
                       not args.no_memory and memory_supported(), bf16_off)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    align = ["---" if i == 0 else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def ms(seconds: float) -> str:

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from kbnet.benchmarks.command import benchmark_parser
-from kbnet.benchmarks.common import machine_line, markdown_table, matmul_rates, ms, ratio, time_calls
+from kbnet.benchmarks.common import machine_line, matmul_rates, ms, ratio, time_calls
 from kbnet.benchmarks.kba import KERNEL, cases, inputs
 from kbnet.cli import user_errors
 from kbnet.export import VERIFY_SIZES, export_model
 from kbnet.inference.loading import LoadedModel
 from kbnet.inference.onnx_model import OnnxModel, import_onnxruntime
+from kbnet.markdown import markdown_table
 from kbnet.models import create_model
 from kbnet.ops.kba_decomposed import kba_grouped_conv, kba_unfold_matmul
 

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from kbnet.benchmarks.command import benchmark_parser
-from kbnet.benchmarks.common import IMPORT_ROOT, import_path, markdown_table, mib
+from kbnet.benchmarks.common import IMPORT_ROOT, import_path, mib
 from kbnet.benchmarks.kba import KERNEL, LEVELS, NSET, QUICK_LEVELS, Case, inputs
 from kbnet.cli import user_errors
+from kbnet.markdown import markdown_table
 from kbnet.models import create_model
 from kbnet.ops import kba, kba_triton, launches, native, use_kba
 from kbnet.ops.kernel_basis import SLAB_ENV

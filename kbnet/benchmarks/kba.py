@@ -26,7 +26,6 @@ from kbnet.benchmarks.common import (
     add_comparison_options,
     comparison,
     machine_line,
-    markdown_table,
     matmul_rates,
     mib,
     ms,
@@ -37,6 +36,7 @@ from kbnet.benchmarks.common import (
     time_calls,
 )
 from kbnet.cli import user_errors
+from kbnet.markdown import markdown_table
 from kbnet.ops import kba
 
 NSET = 32

@@ -30,7 +30,6 @@ from kbnet.benchmarks.common import (
     comparison,
     floor_seconds,
     machine_line,
-    markdown_table,
     matmul_rates,
     mib,
     ms,
@@ -40,6 +39,7 @@ from kbnet.benchmarks.common import (
     time_calls,
 )
 from kbnet.cli import user_errors
+from kbnet.markdown import markdown_table
 from kbnet.models import create_model
 from kbnet.models.summary import count_macs, count_parameters
 from kbnet.ops import use_kba
