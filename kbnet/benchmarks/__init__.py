@@ -1,1 +1,2 @@
-"""Benchmark scripts: side-by-side Markdown tables of this project's fast paths against the official ones."""
+"""The benchmarks (``kbnet-bench``): side-by-side Markdown tables of this project's fast paths against the official
+ones."""

@@ -131,7 +131,7 @@ def memory_supported() -> bool:
 def import_path() -> str:
     """``PYTHONPATH`` for a child process: ``IMPORT_ROOT`` first, then what this process was given."""
     given = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
-    return os.pathsep.join([str(IMPORT_ROOT), *given])
+    return os.pathsep.join(dict.fromkeys([str(IMPORT_ROOT), *given]))
 
 
 def run_worker(module: str, payload: dict, threads: int) -> dict:
