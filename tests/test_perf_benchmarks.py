@@ -59,9 +59,10 @@ def test_models_benchmark_quick(capsys):
 
 def test_largest_side_is_linear_in_pixels():
     fit = {"100": 1_000 + 100**2 * 10, "200": 1_000 + 200**2 * 10}
-    side = models_benchmark.largest_side(fit, weights=500, budget=1_500 + 1000**2 * 10)
-    assert side == "992²"  # 1000 rounded down to a multiple of 16
-    assert models_benchmark.largest_side({"8": 4096, "16": 4096}, weights=500, budget=10**9) == "-"
+    budget = 1_500 + 1000**2 * 10
+    assert models_benchmark.largest_side(fit, weights=500, budget=budget, multiple=16) == "992²"  # 1000 rounded down
+    assert models_benchmark.largest_side(fit, weights=500, budget=budget, multiple=8) == "1000²"
+    assert models_benchmark.largest_side({"8": 4096, "16": 4096}, weights=500, budget=10**9, multiple=16) == "-"
     assert models_benchmark.predicted_peak(fit, 500, 1000) == 1_500 + 1000**2 * 10
 
 

@@ -39,6 +39,7 @@ from kbnet.benchmarks.common import (
     time_calls,
 )
 from kbnet.cli import user_errors
+from kbnet.inference.loading import model_size_multiple
 from kbnet.markdown import markdown_table
 from kbnet.models import create_model
 from kbnet.models.summary import count_macs, count_parameters
@@ -48,7 +49,6 @@ FULL = {"models": ("kbnet_s_sidd", "kbnet_s", "kbnet_l"), "infer": 256, "train":
 QUICK = {"models": ("kbnet_s_tiny", "kbnet_l_tiny"), "infer": 16, "train": 16, "fit": (8, 16)}
 TRAIN_BATCH = 2
 REPEATS = 3
-SIZE_MULTIPLE = 16
 
 
 def build(name: str) -> torch.nn.Module:
@@ -90,16 +90,17 @@ def worker(payload: dict) -> dict:
     return {"fit": fit, "verify": verify, "train": train}
 
 
-def largest_side(fit: dict[str, int], weights: int, budget: int) -> str:
-    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget, as ``"N²"``;
-    ``"-"`` when the two peaks do not resolve any growth (the tiny sizes of a quick run can measure equal)."""
+def largest_side(fit: dict[str, int], weights: int, budget: int, multiple: int) -> str:
+    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget, rounded down
+    to the model's size ``multiple`` (a side it runs without padding), as ``"N²"``; ``"-"`` when the two peaks do not
+    resolve any growth (the tiny sizes of a quick run can measure equal)."""
     (s0, p0), (s1, p1) = sorted((int(s), p) for s, p in fit.items())
     per_pixel = (p1 - p0) / (s1**2 - s0**2)
     if per_pixel <= 0:
         return "-"
     fixed = p0 - per_pixel * s0**2
     pixels = (budget - weights - fixed) / per_pixel
-    return f"{int(math.sqrt(max(pixels, 0)) // SIZE_MULTIPLE * SIZE_MULTIPLE)}²"
+    return f"{int(math.sqrt(max(pixels, 0)) // multiple * multiple)}²"
 
 
 def predicted_peak(fit: dict[str, int], weights: int, side: int) -> float:
@@ -137,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in models:
         model = build(name)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        multiple = model_size_multiple(model)
         for task, size, batch in (("inference", setup["infer"], 1), ("train step", setup["train"], TRAIN_BATCH)):
             model.train(task != "inference")
             make = inference if task == "inference" else training_step
@@ -169,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mib(peaks[ours]["fit"][infer_key]), mib(peaks[ref]["fit"][infer_key]),
                 ratio(peaks[ref]["fit"][infer_key], peaks[ours]["fit"][infer_key]),
                 mib(peaks[ours]["train"]), mib(peaks[ref]["train"]), ratio(peaks[ref]["train"], peaks[ours]["train"]),
-                largest_side(peaks[ours]['fit'], weights, budget),
-                largest_side(peaks[ref]['fit'], weights, budget),
+                largest_side(peaks[ours]['fit'], weights, budget, multiple),
+                largest_side(peaks[ref]['fit'], weights, budget, multiple),
                 f"{predicted_peak(peaks[ours]['fit'], weights, 2048) / 2**30:.1f}",
                 f"{predicted_peak(peaks[ref]['fit'], weights, 2048) / 2**30:.1f}",
                 ", ".join(f"{s}²: {(weights + p) / 2**30:.2f} GiB" for s, p in peaks[ours]["verify"].items()) or "-"])
