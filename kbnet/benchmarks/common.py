@@ -135,10 +135,11 @@ def import_path() -> str:
 
 
 def run_worker(module: str, payload: dict, threads: int) -> dict:
-    """Run ``python -m <module> --worker <json>`` in a fresh process and return the JSON it prints last."""
+    """Run ``worker(payload)`` of the benchmark ``module`` in a fresh process (``kbnet.benchmarks.worker``) and
+    return its result."""
     env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": import_path()}
-    result = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(payload)], cwd=IMPORT_ROOT, env=env,
-                            capture_output=True, text=True)
+    command = [sys.executable, "-m", "kbnet.benchmarks.worker", module, json.dumps(payload)]
+    result = subprocess.run(command, cwd=IMPORT_ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"benchmark worker {module} {payload} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -166,8 +167,8 @@ class Comparison:
 
 
 def add_comparison_options(parser: argparse.ArgumentParser, repeats: int) -> None:
-    """The options of a ``Comparison`` (read back by ``comparison``) and the hidden ``--worker`` of its memory
-    workers; ``repeats`` is the default of a full run (a ``--quick`` run repeats once)."""
+    """The options of a ``Comparison`` (read back by ``comparison``); ``repeats`` is the default of a full run (a
+    ``--quick`` run repeats once)."""
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed runs per variant (default {repeats}; quick 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -175,7 +176,6 @@ def add_comparison_options(parser: argparse.ArgumentParser, repeats: int) -> Non
                         help=f"comma-separated KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 def comparison(parser: argparse.ArgumentParser, args: argparse.Namespace, repeats: int) -> Comparison:

@@ -13,7 +13,6 @@ formulation's MACs ×2, a forward+backward counted as 3× the forward).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -185,9 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="input sizes whose per-level shapes are measured (default: 128 256)")
     add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
     run = comparison(parser, args, REPEATS)
     impls, repeats = run.impls, run.repeats
     torch.set_num_threads(args.threads)

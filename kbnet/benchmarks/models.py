@@ -15,7 +15,6 @@ image each variant restores in one piece within the memory budget comes from the
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -121,9 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also time the subject compiled with torch.compile (eager / compiled ratio)")
     add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
     setup = QUICK if args.quick else FULL
     models = args.models or setup["models"]
     run = comparison(parser, args, REPEATS)
