@@ -179,6 +179,7 @@ def add_comparison_options(parser: argparse.ArgumentParser, repeats: int) -> Non
 
 
 def comparison(parser: argparse.ArgumentParser, args: argparse.Namespace, repeats: int) -> Comparison:
+    """The ``Comparison`` the parsed options ask for; a bad ``--impls`` exits through ``parser.error``."""
     impls = args.impls.split(",")
     if len(impls) < 2 or any(i not in IMPLEMENTATIONS for i in impls):
         parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
