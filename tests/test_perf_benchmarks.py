@@ -7,9 +7,11 @@ import re
 import pytest
 import torch
 
-from benchmarks import kba as kba_benchmark
-from benchmarks import models as models_benchmark
-from benchmarks.common import bf16_kernels, cpu_model, memory_supported
+from kbnet.benchmarks import command
+from kbnet.benchmarks import kba as kba_benchmark
+from kbnet.benchmarks import models as models_benchmark
+from kbnet.benchmarks.common import bf16_kernels, cpu_model, memory_supported
+from kbnet.errors import DataError
 
 
 @pytest.fixture(autouse=True)
@@ -57,9 +59,10 @@ def test_models_benchmark_quick(capsys):
 
 def test_largest_side_is_linear_in_pixels():
     fit = {"100": 1_000 + 100**2 * 10, "200": 1_000 + 200**2 * 10}
-    side = models_benchmark.largest_side(fit, weights=500, budget=1_500 + 1000**2 * 10)
-    assert side == "992²"  # 1000 rounded down to a multiple of 16
-    assert models_benchmark.largest_side({"8": 4096, "16": 4096}, weights=500, budget=10**9) == "-"
+    budget = 1_500 + 1000**2 * 10
+    assert models_benchmark.largest_side(fit, weights=500, budget=budget, multiple=16) == "992²"  # 1000 rounded down
+    assert models_benchmark.largest_side(fit, weights=500, budget=budget, multiple=8) == "1000²"
+    assert models_benchmark.largest_side({"8": 4096, "16": 4096}, weights=500, budget=10**9, multiple=16) == "-"
     assert models_benchmark.predicted_peak(fit, 500, 1000) == 1_500 + 1000**2 * 10
 
 
@@ -67,3 +70,36 @@ def test_unknown_implementation_is_refused(capsys):
     with pytest.raises(SystemExit):
         kba_benchmark.main(["--quick", "--impls", "auto,fastest"])
     assert "fastest" in capsys.readouterr().err
+
+
+def test_kbnet_bench_lists_every_benchmark_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name, line in command.BENCHMARKS.items():
+        assert re.search(rf"^  {name} +{re.escape(line)}$", out, re.M), name
+
+
+def test_kbnet_bench_refuses_an_unknown_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["fastest", "--quick"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_kbnet_bench_hands_the_rest_of_the_command_line_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["kba", "--quick", "--impls", "auto,fastest"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "kbnet-bench kba: error: --impls needs at least two of" in err and "fastest" in err
+
+
+def test_a_user_error_in_a_benchmark_is_one_line_and_status_2(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise DataError("no such case file")
+
+    monkeypatch.setattr(kba_benchmark, "measure", missing)
+    assert command.main(["kba", "--quick", "--no-memory"]) == 2
+    assert capsys.readouterr().err == "error: no such case file\n"

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from benchmarks import deploy
-from benchmarks import models as models_benchmark
+from kbnet.benchmarks import deploy
+from kbnet.benchmarks import models as models_benchmark
 from tests.test_perf_benchmarks import table_rows
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kbnet.ops.kernel_basis as kba_module
-from benchmarks import gpu
+from kbnet.benchmarks import gpu
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -29,3 +29,9 @@ def test_a_disagreeing_implementation_fails_the_check(monkeypatch):
     table, ok = gpu.check_agreement(gpu.QUICK, True, torch.device("cpu"), ["torch", "reference"])
     assert not ok
     assert "FAIL" in table
+
+
+def test_without_a_checkout_the_train_run_says_it_was_not_measured(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu, "IMPORT_ROOT", tmp_path)  # an installed package: no train.py, no configs/ beside it
+    note = gpu.train_throughput(gpu.QUICK, torch.device("cpu"))
+    assert note.startswith("not measured: no train.py and configs/") and str(tmp_path) in note

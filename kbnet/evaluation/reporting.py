@@ -11,8 +11,9 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from kbnet.markdown import markdown_table
 from kbnet.metrics import MetricTable
-from kbnet.metrics.aggregate import check_can_write, report_paths
+from kbnet.metrics.aggregate import check_can_write, format_value, report_paths
 from kbnet.rundir import atomic_writer, write_text
 
 
@@ -21,16 +22,11 @@ def summary_rows(tables: Mapping[str, MetricTable]) -> list[dict[str, Any]]:
     return [{"set": name, "images": len(table), **table.means()} for name, table in tables.items()]
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.4f}"
-    return str(value)
-
-
 def summary_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str) -> str:
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    """A ``# title`` and one table row per set: the set's name left-aligned, its count and means right-aligned
+    (4 decimals; a set without a column gets an empty cell)."""
+    cells = [[format_value(row.get(c, ""), 4) for c in columns] for row in rows]
+    return f"# {title}\n\n{markdown_table(columns, cells)}\n"
 
 
 def write_summary(prefix: Path, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],

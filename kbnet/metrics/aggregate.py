@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kbnet.errors import ExistingFileError
+from kbnet.markdown import markdown_table
 from kbnet.rundir import atomic_writer, write_text
 
 REPORT_SUFFIXES = (".csv", ".json", ".md")
@@ -30,7 +31,8 @@ def mean_metric(values: Iterable[float], name: str = "metric") -> float:
     return math.fsum(vals) / len(vals)
 
 
-def _format_value(value: Any, digits: int) -> str:
+def format_value(value: Any, digits: int) -> str:
+    """A table cell: floats with ``digits`` decimals (an identical pair's PSNR as ``inf``), the rest as is."""
     if isinstance(value, float):
         return "inf" if math.isinf(value) and value > 0 else f"{value:.{digits}f}"
     return str(value)
@@ -76,7 +78,7 @@ class MetricTable:
     def render(self) -> str:
         """Plain-text table, one line per image and a final mean line."""
         columns = (*self.labels, *self.metrics)
-        body = [[_format_value(r[c], self.digits) for c in columns] for r in [*self.rows, self._mean_row()]]
+        body = [[format_value(r[c], self.digits) for c in columns] for r in [*self.rows, self._mean_row()]]
         widths = [max(len(c), *(len(line[i]) for line in body)) for i, c in enumerate(columns)]
         n_labels = len(self.labels)
 
@@ -88,14 +90,12 @@ class MetricTable:
         return "\n".join([fmt(columns), rule, *(fmt(line) for line in body[:-1]), rule, fmt(body[-1])])
 
     def to_markdown(self) -> str:
+        """One row per image and a bold mean row; labels left-aligned, metrics right-aligned."""
         columns = (*self.labels, *self.metrics)
-        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-        for r in self.rows:
-            lines.append("| " + " | ".join(_format_value(r[c], self.digits) for c in columns) + " |")
+        rows = [[format_value(r[c], self.digits) for c in columns] for r in self.rows]
         mean = self._mean_row()
-        lines.append("| " + " | ".join(f"**{_format_value(mean[c], self.digits)}**" if mean[c] != "" else ""
-                                       for c in columns) + " |")
-        return "\n".join(lines) + "\n"
+        rows.append([f"**{format_value(mean[c], self.digits)}**" if mean[c] != "" else "" for c in columns])
+        return markdown_table(columns, rows, text_columns=len(self.labels)) + "\n"
 
     def to_json(self) -> str:
         payload = {**self.meta, "count": len(self.rows),

@@ -15,8 +15,8 @@ Two formulations are kept because their speed depends on the runtime:
   with the bases per group, then the same weighted sum.
 
 ``kba_decomposed`` is the grouped convolution: under onnxruntime 1.32 (CPU, fp32, 2 threads) it was 1.7–2.8×
-faster than unfold + matmul at the shape of every KBNet_s and KBNet_l level of a 256² input (``python -m
-benchmarks.deploy --kba``), so it is the one the exporters receive. Both hold nset·C values per pixel transiently
+faster than unfold + matmul at the shape of every KBNet_s and KBNet_l level of a 256² input (``kbnet-bench
+deploy --kba``), so it is the one the exporters receive. Both hold nset·C values per pixel transiently
 (the price of having no fused kernel) and are differentiated by plain autograd.
 """
 

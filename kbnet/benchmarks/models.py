@@ -1,9 +1,9 @@
 """Whole backbones: each preset with ``kbnet.ops.kba`` against the same network running the official KBA.
 
-    python -m benchmarks.models              # full tables (about half an hour on 2 cores)
-    python -m benchmarks.models --quick      # tiny presets at 16², one repeat: a smoke run
-    python -m benchmarks.models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
-    python -m benchmarks.models --compile    # + torch.compile columns (the subject's KBA, compiled after warm-up)
+    kbnet-bench models            # full tables (about half an hour on 2 cores)
+    kbnet-bench models --quick    # tiny presets at 16², one repeat: a smoke run
+    kbnet-bench models --models kbnet_l --verify-size 2048   # also restore one 2048² image for real
+    kbnet-bench models --compile  # + torch.compile columns (the subject's KBA, compiled after warm-up)
 
 Measured per preset: inference on one 256² image, and one training step at 128², batch 2 (forward, L1 loss,
 backward, AdamW step): median time and peak memory of both variants, their ratios, the achieved GFLOP/s and the
@@ -15,22 +15,21 @@ image each variant restores in one piece within the memory budget comes from the
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
+from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.common import (
     MEMORY_METHOD,
-    bf16_kernels,
+    add_comparison_options,
+    comparison,
     floor_seconds,
     machine_line,
-    markdown_table,
     matmul_rates,
-    memory_supported,
     mib,
     ms,
     peak_bytes,
@@ -38,14 +37,17 @@ from benchmarks.common import (
     run_worker,
     time_calls,
 )
+from kbnet.cli import user_errors
+from kbnet.inference.loading import model_size_multiple
+from kbnet.markdown import markdown_table
 from kbnet.models import create_model
 from kbnet.models.summary import count_macs, count_parameters
-from kbnet.ops import IMPLEMENTATIONS, use_kba
+from kbnet.ops import use_kba
 
 FULL = {"models": ("kbnet_s_sidd", "kbnet_s", "kbnet_l"), "infer": 256, "train": 128, "fit": (128, 256)}
 QUICK = {"models": ("kbnet_s_tiny", "kbnet_l_tiny"), "infer": 16, "train": 16, "fit": (8, 16)}
 TRAIN_BATCH = 2
-SIZE_MULTIPLE = 16
+REPEATS = 3
 
 
 def build(name: str) -> torch.nn.Module:
@@ -87,16 +89,17 @@ def worker(payload: dict) -> dict:
     return {"fit": fit, "verify": verify, "train": train}
 
 
-def largest_side(fit: dict[str, int], weights: int, budget: int) -> str:
-    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget, as ``"N²"``;
-    ``"-"`` when the two peaks do not resolve any growth (the tiny sizes of a quick run can measure equal)."""
+def largest_side(fit: dict[str, int], weights: int, budget: int, multiple: int) -> str:
+    """The side of the largest square image whose predicted peak (linear in pixels) fits the budget, rounded down
+    to the model's size ``multiple`` (a side it runs without padding), as ``"N²"``; ``"-"`` when the two peaks do not
+    resolve any growth (the tiny sizes of a quick run can measure equal)."""
     (s0, p0), (s1, p1) = sorted((int(s), p) for s, p in fit.items())
     per_pixel = (p1 - p0) / (s1**2 - s0**2)
     if per_pixel <= 0:
         return "-"
     fixed = p0 - per_pixel * s0**2
     pixels = (budget - weights - fixed) / per_pixel
-    return f"{int(math.sqrt(max(pixels, 0)) // SIZE_MULTIPLE * SIZE_MULTIPLE)}²"
+    return f"{int(math.sqrt(max(pixels, 0)) // multiple * multiple)}²"
 
 
 def predicted_peak(fit: dict[str, int], weights: int, side: int) -> float:
@@ -105,37 +108,25 @@ def predicted_peak(fit: dict[str, int], weights: int, side: int) -> float:
     return weights + p0 + per_pixel * (side**2 - s0**2)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("models", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny presets at 16², one repeat (smoke run)")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3; quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--impls", default="auto,reference",
-                        help=f"KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
     parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest image (GiB)")
     parser.add_argument("--verify-size", type=int, nargs="*", default=[],
                         help="also measure the subject's peak restoring one image of this side (slow)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
     parser.add_argument("--compile", action="store_true",
                         help="also time the subject compiled with torch.compile (eager / compiled ratio)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
     setup = QUICK if args.quick else FULL
     models = args.models or setup["models"]
-    impls = args.impls.split(",")
-    if len(impls) < 2 or any(i not in IMPLEMENTATIONS for i in impls):
-        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    run = comparison(parser, args, REPEATS)
+    impls, repeats, memory, bf16 = run.impls, run.repeats, run.memory, run.bf16
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
-    memory = not args.no_memory and memory_supported()
     rates = matmul_rates(1024 if args.quick else 2048)
     mm = rates["float32"]
-    bf16 = not args.no_bf16 and bf16_kernels()
     budget = int(args.budget_gb * 2**30)
     ours, ref = impls[0], impls[-1]
 
@@ -143,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in models:
         model = build(name)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        multiple = model_size_multiple(model)
         for task, size, batch in (("inference", setup["infer"], 1), ("train step", setup["train"], TRAIN_BATCH)):
             model.train(task != "inference")
             make = inference if task == "inference" else training_step
@@ -166,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               + ([ms(timing["compiled"].wall), ratio(timing[ours].wall, timing["compiled"].wall)]
                                  if args.compile else []))
         if memory:
-            peaks = {impl: run_worker("benchmarks.models", {
+            peaks = {impl: run_worker("kbnet.benchmarks.models", {
                 "model": name, "impl": impl, "threads": args.threads, "fit": setup["fit"], "train": setup["train"],
                 "verify": args.verify_size if impl == ours else []}, args.threads) for impl in impls}
             infer_key = str(setup["infer"])
@@ -175,15 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 mib(peaks[ours]["fit"][infer_key]), mib(peaks[ref]["fit"][infer_key]),
                 ratio(peaks[ref]["fit"][infer_key], peaks[ours]["fit"][infer_key]),
                 mib(peaks[ours]["train"]), mib(peaks[ref]["train"]), ratio(peaks[ref]["train"], peaks[ours]["train"]),
-                largest_side(peaks[ours]['fit'], weights, budget),
-                largest_side(peaks[ref]['fit'], weights, budget),
+                largest_side(peaks[ours]['fit'], weights, budget, multiple),
+                largest_side(peaks[ref]['fit'], weights, budget, multiple),
                 f"{predicted_peak(peaks[ours]['fit'], weights, 2048) / 2**30:.1f}",
                 f"{predicted_peak(peaks[ref]['fit'], weights, 2048) / 2**30:.1f}",
                 ", ".join(f"{s}²: {(weights + p) / 2**30:.2f} GiB" for s, p in peaks[ours]["verify"].items()) or "-"])
         del model
 
-    bf16_note = (f"bf16: {ours} under bf16 autocast, floor at the bf16 matmul rate" if bf16 else
-                 "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
+    bf16_note = run.bf16_note(f"{ours} under bf16 autocast, floor at the bf16 matmul rate")
     print(f"Backbones, float32. {machine_line(args.threads, rates)}. Times: median of {repeats} wall-clock runs, "
           f"variants interleaved; × = {ref} / {ours} (CPU-time × uses the process CPU time, less sensitive to other "
           f"load); floor = FLOPs at the float32 matmul rate. {bf16_note}.\n")
@@ -199,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                               f"train {ours} MiB", f"train {ref} MiB", "×", f"largest {ours}", f"largest {ref}",
                               f"2048² {ours} GiB (pred.)", f"2048² {ref} GiB (pred.)", f"measured {ours}"],
                              memory_rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,32 +1,31 @@
 """KBA alone: ``kbnet.ops.kba`` against the official formulation at every per-level shape of KBNet_s and KBNet_l.
 
-    python -m benchmarks.kba                 # the full table (takes several minutes on 2 cores)
-    python -m benchmarks.kba --quick         # tiny shapes, one repeat: a smoke run
+    kbnet-bench kba          # the full table (takes several minutes on 2 cores)
+    kbnet-bench kba --quick  # tiny shapes, one repeat: a smoke run
 
 For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the
 forward pass and forward+backward (gradients of all four inputs), interleaving the implementations, and measures
-their peak memory in fresh worker processes (see ``benchmarks.common``). Ratios are reference / ours: above 1 means
-ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16); its rates
+their peak memory in fresh worker processes (see ``kbnet.benchmarks.common``). Ratios are reference / ours: above 1
+means ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16); its rates
 are given as a share of the matmul rate of the same dtype, measured in the same run (FLOPs: the official
 formulation's MACs ×2, a forward+backward counted as 3× the forward).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.common import (
+from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.common import (
     MEMORY_METHOD,
-    bf16_kernels,
+    add_comparison_options,
+    comparison,
     machine_line,
-    markdown_table,
     matmul_rates,
-    memory_supported,
     mib,
     ms,
     peak_bytes,
@@ -35,7 +34,9 @@ from benchmarks.common import (
     run_worker,
     time_calls,
 )
-from kbnet.ops import IMPLEMENTATIONS, kba
+from kbnet.cli import user_errors
+from kbnet.markdown import markdown_table
+from kbnet.ops import kba
 
 NSET = 32
 KERNEL = 3
@@ -77,6 +78,7 @@ QUICK_LEVELS = {"KBNet_s": (4, [("L1/8", 8, 1), ("L2/8", 16, 2)]), "KBNet_l": (2
 
 
 SIZES = (128, 256)
+REPEATS = 5
 
 
 def cases(quick: bool, sizes: Sequence[int] = SIZES) -> list[Case]:
@@ -129,7 +131,7 @@ def worker(payload: dict) -> dict:
 
 def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, threads: int, memory: bool,
             bf16: bool = False) -> list[dict]:
-    peaks = {impl: run_worker("benchmarks.kba", {"impl": impl, "threads": threads,
+    peaks = {impl: run_worker("kbnet.benchmarks.kba", {"impl": impl, "threads": threads,
                                                  "cases": [asdict(c) for c in selected]}, threads)["peaks"]
              for impl in impls} if memory else {}
     results = []
@@ -174,40 +176,27 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -
     return markdown_table(header, rows)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("kba", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one repeat (smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5; quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--impls", default="auto,reference",
-                        help=f"comma-separated implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
                         help="input sizes whose per-level shapes are measured (default: 128 256)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
-    impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in IMPLEMENTATIONS]
-    if len(impls) < 2 or unknown:
-        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    run = comparison(parser, args, REPEATS)
+    impls, repeats = run.impls, run.repeats
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 5)
-    memory = not args.no_memory and memory_supported()
-    bf16 = not args.no_bf16 and bf16_kernels()
-    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, memory, bf16)
+    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, run.memory, run.bf16)
     rates = matmul_rates(1024 if args.quick else 2048)
-    bf16_note = (f"bf16: {impls[0]} under bf16 autocast (bf16 kernels, float32 sums)" if bf16 else
-                 "bf16: not measured" + ("" if args.no_bf16 else " (no bf16 KBA kernels on this CPU: no AVX512_BF16)"))
+    bf16_note = run.bf16_note(f"{impls[0]} under bf16 autocast (bf16 kernels, float32 sums)")
     print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
           f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "
-          f"Peak memory: {MEMORY_METHOD if memory else 'not measured'}.\n")
+          f"Peak memory: {MEMORY_METHOD if run.memory else 'not measured'}.\n")
     print(report(results, impls, rates))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

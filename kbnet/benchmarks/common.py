@@ -1,4 +1,4 @@
-"""Shared measurement helpers of the benchmark scripts: timing, peak memory in isolated workers, Markdown tables.
+"""Shared measurement helpers of the benchmarks: timing, peak memory in isolated workers, the shared options.
 
 Why workers: the process-wide resident set only tells the memory of one variant if nothing else ran before it in
 the process and freed memory really goes back to the system. Each variant therefore runs in a fresh subprocess
@@ -9,6 +9,7 @@ measured call (``/proc/self/clear_refs``) after a warm-up call, so lazy one-time
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,15 +18,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kbnet.ops import native
+from kbnet.ops import IMPLEMENTATIONS, native
 
-ROOT = Path(__file__).resolve().parents[1]
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
+"""The folder this ``kbnet`` is imported from (a checkout or site-packages), so the workers run the same code."""
 MEMORY_METHOD = ("peak RSS above the RSS before the call (Linux VmHWM reset through /proc/self/clear_refs), one fresh "
                  "subprocess per variant, glibc mmap threshold 64 KiB so freed memory is returned, after one warm-up "
                  "call")
@@ -126,21 +128,65 @@ def memory_supported() -> bool:
     return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
 
 
+def import_path() -> str:
+    """``PYTHONPATH`` for a child process: ``IMPORT_ROOT`` first, then what this process was given."""
+    given = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return os.pathsep.join(dict.fromkeys([str(IMPORT_ROOT), *given]))
+
+
 def run_worker(module: str, payload: dict, threads: int) -> dict:
-    """Run ``python -m <module> --worker <json>`` in a fresh process and return the JSON it prints last."""
-    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(payload)], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    """Run ``worker(payload)`` of the benchmark ``module`` in a fresh process (``kbnet.benchmarks.worker``) and
+    return its result."""
+    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": import_path()}
+    command = [sys.executable, "-m", "kbnet.benchmarks.worker", module, json.dumps(payload)]
+    result = subprocess.run(command, cwd=IMPORT_ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"benchmark worker {module} {payload} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    align = ["---" if i == 0 else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Comparison:
+    """What a run that times KBA implementations against each other measures (``kba``, ``models``)."""
+
+    impls: list[str]
+    """The subject first, the baseline last."""
+    repeats: int
+    memory: bool
+    """Peak memory in worker processes (where Linux can measure it)."""
+    bf16_off: str | None
+    """Why the subject's bf16 autocast variant is not measured; None when it is."""
+
+    @property
+    def bf16(self) -> bool:
+        return self.bf16_off is None
+
+    def bf16_note(self, measured: str) -> str:
+        """The header's bf16 sentence: ``measured`` describes the variant when it runs."""
+        return f"bf16: {measured if self.bf16 else self.bf16_off}"
+
+
+def add_comparison_options(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of a ``Comparison`` (read back by ``comparison``); ``repeats`` is the default of a full run (a
+    ``--quick`` run repeats once)."""
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per variant (default {repeats}; quick 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--impls", default="auto,reference",
+                        help=f"comma-separated KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant of the subject")
+
+
+def comparison(parser: argparse.ArgumentParser, args: argparse.Namespace, repeats: int) -> Comparison:
+    """The ``Comparison`` the parsed options ask for; a bad ``--impls`` exits through ``parser.error``."""
+    impls = args.impls.split(",")
+    if len(impls) < 2 or any(i not in IMPLEMENTATIONS for i in impls):
+        parser.error(f"--impls needs at least two of {IMPLEMENTATIONS}, got {args.impls!r}")
+    bf16_off = ("not measured" if args.no_bf16 else
+                None if bf16_kernels() else "not measured (no bf16 KBA kernels on this CPU: no AVX512_BF16)")
+    return Comparison(impls, args.repeats or (1 if args.quick else repeats),
+                      not args.no_memory and memory_supported(), bf16_off)
 
 
 def ms(seconds: float) -> str:

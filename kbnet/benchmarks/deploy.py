@@ -1,8 +1,8 @@
 """Deployment speed: onnxruntime vs PyTorch eager vs ``torch.compile`` inference, and the choice of the exported KBA.
 
-    python -m benchmarks.deploy                  # three presets at 256², one image (slow: exports each preset)
-    python -m benchmarks.deploy --kba            # the two decomposed KBA formulations under onnxruntime, per level
-    python -m benchmarks.deploy --quick          # tiny presets at 32² (smoke run)
+    kbnet-bench deploy          # three presets at 256², one image (slow: exports each preset)
+    kbnet-bench deploy --kba    # the two decomposed KBA formulations under onnxruntime, per level
+    kbnet-bench deploy --quick  # tiny presets at 32² (smoke run)
 
 Models table: each preset (random weights) is exported with ``kbnet-export`` (decomposed KBA, verified) and run by
 onnxruntime on the CPU; PyTorch runs it eagerly (default KBA, the fast native kernels) and compiled
@@ -13,7 +13,7 @@ one is the formulation the exporters use (``kbnet.ops.kba_decomposed``).
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,11 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import machine_line, markdown_table, matmul_rates, ms, ratio, time_calls
-from benchmarks.kba import KERNEL, cases, inputs
+from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.common import machine_line, matmul_rates, ms, ratio, time_calls
+from kbnet.benchmarks.kba import KERNEL, cases, inputs
+from kbnet.cli import user_errors
 from kbnet.export import VERIFY_SIZES, export_model
 from kbnet.inference.loading import LoadedModel
 from kbnet.inference.onnx_model import OnnxModel, import_onnxruntime
+from kbnet.markdown import markdown_table
 from kbnet.models import create_model
 from kbnet.ops.kba_decomposed import kba_grouped_conv, kba_unfold_matmul
 
@@ -114,8 +117,9 @@ def model_rows(models: Sequence[str], size: int, repeats: int, threads: int, fol
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("deploy", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny presets / level shapes at 32², one repeat")
     parser.add_argument("--kba", action="store_true", help="only the KBA formulation table")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
@@ -135,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"Exported KBA (32 bases, 3×3), float32, batch 1. {header} × = unfold + matmul / grouped conv.\n")
             print(markdown_table(["net", "level", "C/gc", "H×W", "grouped conv ms", "unfold + matmul ms", "×",
                                   "max |Δ|"], kba_rows(args.quick, repeats, args.threads, folder)))
-            return
+            return 0
         print(f"Inference, float32, one image. {header} Eager: default KBA; compiled: torch.compile after a warm-up "
               f"call; onnxruntime: the verified kbnet-export file. × = eager / variant.\n")
         verification: list[str] = []
@@ -144,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(markdown_table(["model", "input", "eager ms", "compiled ms", "onnxruntime ms", "compiled ×",
                               "onnxruntime ×", "compiled max |Δ|"], rows))
         print("\nONNX export verification (B×H×W: max abs diff vs PyTorch eager): " + "; ".join(verification))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Benchmark scripts: side-by-side Markdown tables of this project's fast paths against the official ones."""
