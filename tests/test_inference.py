@@ -22,10 +22,8 @@ from kbnet.inference import (
     model_from_checkpoint,
     model_size_multiple,
     official_tiled_forward,
-    pad_to_multiple,
     plan_tile,
     profile_model,
-    reflect_pad,
     self_ensemble,
     window_starts,
 )
@@ -33,6 +31,7 @@ from kbnet.inference import restorer as restorer_module
 from kbnet.inference.memory import RUNTIME_BYTES, SAFETY_FACTOR, MemoryProfile, host_bytes, quick_upper_bound
 from kbnet.inference.tiling import official_pad, window_weights
 from kbnet.models import WeightLoadError
+from kbnet.models.padding import pad_to_multiple, reflect_pad
 from kbnet.ops import native
 from tests.test_inference_helpers import outputs_equal, save_official_checkpoint, save_project_checkpoint, tiny_model
 
@@ -81,6 +80,18 @@ def test_pad_to_multiple_is_the_official_right_bottom_reflect_pad():
     assert padded.shape[-2:] == (40, 56)
     assert torch.equal(padded, F.pad(x, (0, 6, 0, 3), mode="reflect"))
     assert pad_to_multiple(rand(1, 3, 16, 24), 8).shape[-2:] == (16, 24)
+
+
+def test_pad_to_multiple_zero_pads_and_pads_images_smaller_than_the_pad():
+    x = rand(1, 3, 37, 50)
+    assert torch.equal(pad_to_multiple(x, 16, "constant"), F.pad(x, (0, 14, 0, 11)))
+    small = rand(1, 2, 3, 5)
+    assert torch.equal(pad_to_multiple(small, 8), reflect_pad(small, 0, 5, 0, 3))
+    assert pad_to_multiple(small, 8, "constant")[..., 3:, :].abs().max() == 0
+    with pytest.raises(ValueError, match="pad mode must be one of constant, reflect, got 'replicate'"):
+        pad_to_multiple(x, 8, "replicate")
+    with pytest.raises(ValueError, match="pad multiple must be >= 1"):
+        pad_to_multiple(x, 0)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -380,5 +391,9 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
 def test_model_channels_and_size_multiple():
     assert model_channels(tiny_model("kbnet_s_tiny", img_channel=1)) == 1
     assert model_size_multiple(tiny_model("kbnet_s_tiny")) == 8
+    assert model_size_multiple(tiny_model("kbnet_s_tiny", enc_blk_nums=(1, 1), dec_blk_nums=(1, 1))) == 4
     assert model_size_multiple(tiny_model("kbnet_l_tiny")) == 8
+    stated = LocalNet()
+    stated.size_multiple = 32
+    assert model_size_multiple(stated) == 32
     assert model_size_multiple(nn.Conv2d(3, 3, 1)) == 1

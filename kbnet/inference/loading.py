@@ -22,8 +22,7 @@ from torch import nn
 
 from kbnet.errors import MissingFileError, UserError
 from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel, OnnxModelError, providers_for
-from kbnet.models import KBNetL, KBNetS, create_model, list_models, load_weights
-from kbnet.models.kbnet_l import SIZE_MULTIPLE as KBNET_L_MULTIPLE
+from kbnet.models import create_model, list_models, load_weights
 from kbnet.models.weights import SAFETENSORS_SUFFIX, safetensors_metadata
 
 CREATE_MODEL = "kbnet.models.create_model"
@@ -196,11 +195,6 @@ def model_channels(model: nn.Module) -> int:
 
 
 def model_size_multiple(model: nn.Module) -> int:
-    """Side multiple the backbone runs at without internal padding (2**levels for KBNet_s, 8 for KBNet_l)."""
-    if isinstance(model, KBNetS):
-        return model.padder_size
-    if isinstance(model, KBNetL):
-        return KBNET_L_MULTIPLE
-    if isinstance(model, OnnxModel):
-        return model.size_multiple
-    return 1
+    """Side multiple the model runs at without internal padding: its ``size_multiple`` (the backbones and ONNX
+    exports state theirs); 1 for a network without one, which takes any size as it is."""
+    return getattr(model, "size_multiple", 1)
