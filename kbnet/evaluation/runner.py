@@ -31,10 +31,10 @@ from kbnet.inference import (
     model_from_official,
     resolve_device,
 )
-from kbnet.inference.loading import model_from_onnx, net_config_of, read_checkpoint, task_of
+from kbnet.inference.loading import model_from_onnx, net_config_of, task_of
 from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel
 from kbnet.metrics import MetricTable
-from kbnet.models import WeightLoadError
+from kbnet.models import WeightLoadError, read_checkpoint
 from kbnet.rundir import write_text
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@ self-ensemble, memory planning and checkpoint loading, behind one ``Restorer``."
 
 from kbnet.inference.ensemble import dihedral, dihedral_inverse, self_ensemble
 from kbnet.inference.loading import (
-    CheckpointError,
     LoadedModel,
     load_model,
     model_channels,
@@ -16,7 +15,6 @@ from kbnet.inference.restorer import Restorer, resolve_device
 from kbnet.inference.tiling import blended_forward, official_tiled_forward, window_starts
 
 __all__ = [
-    "CheckpointError",
     "LoadedModel",
     "MemoryProfile",
     "Restorer",
