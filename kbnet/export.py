@@ -28,8 +28,9 @@ from torch import nn
 
 from kbnet.cli import user_errors
 from kbnet.errors import UserError
-from kbnet.inference.loading import LoadedModel, load_model, model_channels, model_size_multiple
-from kbnet.models import KBNetL, KBNetS, WeightLoadError, list_models
+from kbnet.inference.loading import LoadedModel, load_model, model_channels
+from kbnet.models import KBNetS, WeightLoadError, list_models
+from kbnet.models.padding import PadMode
 from kbnet.ops import use_kba
 
 FORMATS = ("onnx", "pt2", "safetensors")
@@ -47,10 +48,11 @@ class ExportError(UserError):
 
 @dataclass(frozen=True)
 class Layout:
-    """How a backbone pads: to ``multiple`` with ``mode`` (KBNet_s: zeros to 2**levels, KBNet_l: reflect to 8)."""
+    """How a backbone pads: to ``multiple`` with ``mode`` (KBNet_s: zeros to 2**levels, KBNet_l: reflect to 8, as
+    their ``size_multiple`` and ``pad_mode`` say)."""
 
     multiple: int
-    mode: str
+    mode: PadMode
 
     @property
     def min_side_pt2(self) -> int:
@@ -64,11 +66,12 @@ class Layout:
 
 
 def layout_of(model: nn.Module) -> Layout:
-    if isinstance(model, KBNetS):
-        return Layout(model.padder_size, "constant")
-    if isinstance(model, KBNetL):
-        return Layout(model_size_multiple(model), "reflect")
-    raise ExportError(f"cannot export a {type(model).__name__}: kbnet-export takes KBNetS and KBNetL backbones")
+    """The padding the backbone itself states (``size_multiple``, ``pad_mode``), to be written into the graph."""
+    multiple, mode = getattr(model, "size_multiple", None), getattr(model, "pad_mode", None)
+    if multiple is None or mode is None:
+        raise ExportError(f"cannot export a {type(model).__name__}: kbnet-export takes KBNetS and KBNetL backbones "
+                          "(a backbone that states its size_multiple and pad_mode)")
+    return Layout(multiple, mode)
 
 
 class DeployModel(nn.Module):

@@ -240,9 +240,9 @@ def failure_status(error: BaseException) -> str:
 
 def checkpoint_step(path: Path) -> int:
     """The ``global_step`` saved in a Lightning checkpoint (memory-mapped: the tensors are not read)."""
-    import torch
+    from kbnet.models import read_checkpoint
 
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    return int(read_checkpoint(path)["global_step"])
 
 
 def completed_result(run_dir: Path, last_ckpt: Path, max_steps: int) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import zipfile
 
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kbnet.errors import MissingFileError
 from kbnet.inference import (
-    CheckpointError,
     Restorer,
     blended_forward,
     dihedral,
@@ -22,18 +24,18 @@ from kbnet.inference import (
     model_from_checkpoint,
     model_size_multiple,
     official_tiled_forward,
-    pad_to_multiple,
     plan_tile,
     profile_model,
-    reflect_pad,
     self_ensemble,
     window_starts,
 )
 from kbnet.inference import restorer as restorer_module
 from kbnet.inference.memory import RUNTIME_BYTES, SAFETY_FACTOR, MemoryProfile, host_bytes, quick_upper_bound
 from kbnet.inference.tiling import official_pad, window_weights
-from kbnet.models import WeightLoadError
+from kbnet.models import WeightLoadError, load_weights, read_checkpoint
+from kbnet.models.padding import pad_to_multiple, reflect_pad
 from kbnet.ops import native
+from kbnet.rundir import checkpoint_step
 from tests.test_inference_helpers import outputs_equal, save_official_checkpoint, save_project_checkpoint, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
@@ -81,6 +83,18 @@ def test_pad_to_multiple_is_the_official_right_bottom_reflect_pad():
     assert padded.shape[-2:] == (40, 56)
     assert torch.equal(padded, F.pad(x, (0, 6, 0, 3), mode="reflect"))
     assert pad_to_multiple(rand(1, 3, 16, 24), 8).shape[-2:] == (16, 24)
+
+
+def test_pad_to_multiple_zero_pads_and_pads_images_smaller_than_the_pad():
+    x = rand(1, 3, 37, 50)
+    assert torch.equal(pad_to_multiple(x, 16, "constant"), F.pad(x, (0, 14, 0, 11)))
+    small = rand(1, 2, 3, 5)
+    assert torch.equal(pad_to_multiple(small, 8), reflect_pad(small, 0, 5, 0, 3))
+    assert pad_to_multiple(small, 8, "constant")[..., 3:, :].abs().max() == 0
+    with pytest.raises(ValueError, match="pad mode must be one of constant, reflect, got 'replicate'"):
+        pad_to_multiple(x, 8, "replicate")
+    with pytest.raises(ValueError, match="pad multiple must be >= 1"):
+        pad_to_multiple(x, 0)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -340,14 +354,14 @@ def test_project_checkpoint_rebuilds_its_model_and_prefers_the_ema_weights(tmp_p
     assert "EMA" in model_from_checkpoint(with_ema).source
     assert outputs_equal(model_from_checkpoint(with_ema).model, tiny_model("kbnet_s_tiny", 2, width=8))
     assert outputs_equal(model_from_checkpoint(with_ema, weights="net").model, net)
-    with pytest.raises(CheckpointError, match="kept no EMA"):
+    with pytest.raises(WeightLoadError, match="kept no EMA"):
         model_from_checkpoint(path, weights="ema")
 
 
 def test_project_checkpoint_for_another_preset_is_refused(tmp_path):
     path = tmp_path / "last.ckpt"
     save_project_checkpoint(path, "kbnet_s_tiny")
-    with pytest.raises(CheckpointError, match=r"holds a 'kbnet_s_tiny' model, not 'kbnet_l_tiny'"):
+    with pytest.raises(WeightLoadError, match=r"holds a 'kbnet_s_tiny' model, not 'kbnet_l_tiny'"):
         load_model(path, preset="kbnet_l_tiny")
 
 
@@ -362,23 +376,73 @@ def test_official_files_load_with_their_preset(tmp_path, wrapper, data_parallel)
 def test_official_file_needs_its_preset_and_the_right_one(tmp_path):
     path = tmp_path / "official.pth"
     save_official_checkpoint(path, "kbnet_s_tiny")
-    with pytest.raises(CheckpointError, match="--model"):
+    with pytest.raises(WeightLoadError, match="--model"):
         load_model(path)
     with pytest.raises(WeightLoadError, match=str(path)):
         load_model(path, preset="kbnet_l_tiny")
 
 
-def test_unreadable_checkpoint_names_the_file(tmp_path):
-    path = tmp_path / "broken.pth"
+BAD_FILES = {
+    "missing": (None, MissingFileError, "checkpoint not found"),
+    "corrupt": (lambda path: path.write_bytes(b"not a checkpoint"), WeightLoadError, "cannot read checkpoint"),
+    "truncated": (lambda path: path.write_bytes(torch_bytes({"w": torch.ones(64)})[:200]), WeightLoadError,
+                  "cannot read checkpoint"),
+    "zip, not PyTorch": (lambda path: zipfile.ZipFile(path, "w").close(), WeightLoadError, "cannot read checkpoint"),
+    "not weights": (lambda path: torch.save([1, 2, 3], path), WeightLoadError, "got list|not a checkpoint"),
+}
+ENTRY_POINTS = {
+    "load_weights": lambda path: load_weights(tiny_model("kbnet_s_tiny"), path),
+    "load_model": lambda path: load_model(path),
+    "load_model with preset": lambda path: load_model(path, preset="kbnet_s_tiny"),
+}
+
+
+def torch_bytes(content: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_unusable_files_raise_one_error_class_naming_the_file_through_every_entry_point(tmp_path, kind, entry):
+    write, error, message = BAD_FILES[kind]
+    path = tmp_path / "weights.pth"
+    if write is not None:
+        write(path)
+    with pytest.raises(error, match=message) as info:
+        ENTRY_POINTS[entry](path)
+    assert type(info.value) is error and str(path) in str(info.value)
+
+
+def test_missing_safetensors_and_run_checkpoints_go_through_the_same_reader(tmp_path):
+    for entry in ENTRY_POINTS.values():
+        with pytest.raises(MissingFileError, match="checkpoint not found: .*weights.safetensors"):
+            entry(tmp_path / "weights.safetensors")
+    path = tmp_path / "last.ckpt"
+    save_project_checkpoint(path)
+    assert checkpoint_step(path) == 4
+    with pytest.raises(MissingFileError, match="missing.ckpt"):
+        checkpoint_step(tmp_path / "missing.ckpt")
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="broken.pth"):
-        load_model(path, preset="kbnet_s_tiny")
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        load_model(tmp_path / "missing.pth")
+    with pytest.raises(WeightLoadError, match="cannot read checkpoint .*last.ckpt"):
+        checkpoint_step(path)
+
+
+def test_legacy_format_files_are_read_without_memory_mapping(tmp_path):
+    path = tmp_path / "legacy.pth"
+    net = tiny_model("kbnet_s_tiny", seed=1)
+    torch.save({"params": net.state_dict()}, path, _use_new_zipfile_serialization=False)
+    assert set(read_checkpoint(path)) == {"params"}
+    assert outputs_equal(load_model(path, preset="kbnet_s_tiny").model, net)
 
 
 def test_model_channels_and_size_multiple():
     assert model_channels(tiny_model("kbnet_s_tiny", img_channel=1)) == 1
     assert model_size_multiple(tiny_model("kbnet_s_tiny")) == 8
+    assert model_size_multiple(tiny_model("kbnet_s_tiny", enc_blk_nums=(1, 1), dec_blk_nums=(1, 1))) == 4
     assert model_size_multiple(tiny_model("kbnet_l_tiny")) == 8
+    stated = LocalNet()
+    stated.size_multiple = 32
+    assert model_size_multiple(stated) == 32
     assert model_size_multiple(nn.Conv2d(3, 3, 1)) == 1

@@ -28,6 +28,7 @@ from kbnet.lit.schedule import ProgressiveSchedule, cosine_restart_lr, scaled_bo
 from kbnet.metrics import psnr as exact_psnr
 from kbnet.metrics import to_y_uint8_levels
 from kbnet.models import create_model, load_weights
+from kbnet.models.padding import reflect_pad
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -119,6 +120,22 @@ def test_gaussian_module_refuses_degraded_training_inputs(tmp_path: Path) -> Non
     module = GaussianDenoiseModule(tiny_net(), NET_CONFIG, sigma=25, **RECIPE)
     with pytest.raises(ValueError, match="input == target"):
         fit(module, PairsData(clean_train=False), tmp_path, max_steps=1)
+
+
+def test_validation_pads_images_smaller_than_the_pad_as_evaluation_does(tmp_path: Path) -> None:
+    """A 12×13 image padded to 32 needs 20 more rows and 19 more columns, more than ``F.pad(mode="reflect")``
+    allows (the pad must be smaller than the side); SSIM's 11×11 window sets the smallest validation image."""
+    module = DenoiseModule(tiny_net(), NET_CONFIG, val_pad_multiple=32, **RECIPE).eval()
+    inp = torch.rand(1, 3, 12, 13, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        restored = module.restore(inp)
+        expected = module.net(reflect_pad(inp, 0, 20, 0, 19))[..., :12, :13].clamp(0, 1)
+    assert torch.equal(restored, expected)
+    val = [{"input": inp[0], "target": inp[0].clone(), "name": "small"}]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.validate(module, dataloaders=DataLoader(val, batch_size=1))
+    assert torch.isfinite(trainer.callback_metrics["val/psnr"])
 
 
 # ------------------------------------------------------------------------------- losses, EMA, metrics

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from kbnet.models import KBNetL, KBNetS, WeightLoadError, create_model, list_models, load_weights
+from kbnet.models.padding import pad_to_multiple
+from kbnet.models.registry import largest_size_multiple
 from kbnet.models.summary import count_macs, count_parameters
 from kbnet.models.summary import main as summary_main
 from tests.reference import NETWORK_FILES, load_reference, relative_error
@@ -44,6 +46,31 @@ def test_any_input_size(name, size):
         y = model(x)
     assert y.shape == x.shape
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize(("build", "multiple", "mode"), [
+    (lambda: KBNetS(), 16, "constant"),
+    (lambda: KBNetS(enc_blk_nums=(1, 1, 1), dec_blk_nums=(1, 1, 1)), 8, "constant"),
+    (lambda: KBNetL(), 8, "reflect"),
+])
+def test_each_backbone_states_its_size_multiple_and_pad_mode(build, multiple, mode):
+    with torch.device("meta"):
+        model = build()
+    assert (model.size_multiple, model.pad_mode) == (multiple, mode)
+    assert not any("size_multiple" in k or "pad_mode" in k for k in model.state_dict())  # official keys only
+
+
+def test_the_presets_largest_size_multiple_is_kbnet_s_four_levels():
+    assert largest_size_multiple() == 16
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_images_smaller_than_the_pad_are_padded_as_the_pad_mode_says(name):
+    model = tiny(name).double()
+    x = torch.rand(1, 3, 3, 5, dtype=torch.float64)
+    padded = pad_to_multiple(x, model.size_multiple, model.pad_mode)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(padded)[:, :, :3, :5])
 
 
 def test_kbnet_l_padding_leaves_multiples_of_8_untouched():

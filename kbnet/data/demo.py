@@ -19,6 +19,7 @@ from kbnet.data.degradations import TASKS, add_gaussian_noise, degrade, validati
 from kbnet.data.verify import VERIFY_MODES
 from kbnet.errors import ConfigError
 from kbnet.imageio import convert_channels
+from kbnet.models.registry import largest_size_multiple
 
 _PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": skimage.data.astronaut,
@@ -35,26 +36,27 @@ _PHOTOS: dict[str, Callable[[], np.ndarray]] = {
 DEMO_TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "camera",
                      "brick")
 DEMO_VAL_PHOTOS = ("chelsea", "motorcycle", "coins")
-SIZE_MULTIPLE = 16
 
 
 def load_photo(name: str, channels: int, max_side: int) -> np.ndarray:
     """A scikit-image photo as float32 H x W x ``channels``, downscaled so its longer side is at most
-    ``max_side`` and centre-cropped to multiples of 16 (so every backbone takes it without padding)."""
+    ``max_side`` and centre-cropped to multiples of the presets' largest size multiple (16, KBNet_s's four
+    downsamplings), so every preset takes it without padding."""
     if name not in _PHOTOS:
         raise ConfigError(f"unknown demo photo {name!r}; available: {', '.join(_PHOTOS)}")
-    if max_side < SIZE_MULTIPLE:
-        raise ConfigError(f"max_side must be at least {SIZE_MULTIPLE}, got {max_side}")
+    multiple = largest_size_multiple()
+    if max_side < multiple:
+        raise ConfigError(f"max_side must be at least {multiple}, got {max_side}")
     img = _PHOTOS[name]().astype(np.float32) / 255.0
     if img.ndim == 2:
         img = img[:, :, None]
     img = convert_channels(img, channels, source=f"skimage.data {name}")
     scale = max_side / max(img.shape[:2])
     if scale < 1:
-        width = max(SIZE_MULTIPLE, round(img.shape[1] * scale))
-        height = max(SIZE_MULTIPLE, round(img.shape[0] * scale))
+        width = max(multiple, round(img.shape[1] * scale))
+        height = max(multiple, round(img.shape[0] * scale))
         img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA).reshape(height, width, channels)
-    h, w = (img.shape[0] // SIZE_MULTIPLE) * SIZE_MULTIPLE, (img.shape[1] // SIZE_MULTIPLE) * SIZE_MULTIPLE
+    h, w = (img.shape[0] // multiple) * multiple, (img.shape[1] // multiple) * multiple
     top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
     return np.ascontiguousarray(np.clip(img[top:top + h, left:left + w], 0.0, 1.0))
 

@@ -1,7 +1,7 @@
 """``evaluate(cfg)``: score a checkpoint on a task's test sets with the paper's protocol (``evaluate.py`` calls it).
 
 One device, one image at a time, in a plain loop rather than ``Trainer.test``: distributed test sampling pads
-shards with duplicated images (design.md), and the protocols score numpy images with numpy metrics anyway.
+shards with duplicated images (so some would be scored twice), and the protocols score numpy images with numpy metrics anyway.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from kbnet.inference import (
     model_from_official,
     resolve_device,
 )
-from kbnet.inference.loading import model_from_onnx, net_config_of, read_checkpoint, task_of
+from kbnet.inference.loading import model_from_onnx, net_config_of, task_of
 from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel
 from kbnet.metrics import MetricTable
-from kbnet.models import WeightLoadError
+from kbnet.models import WeightLoadError, read_checkpoint
 from kbnet.rundir import CONFIG_FILE, check_output_dir, write_text
 from kbnet.tracking import evaluation_wandb_spec, finish_wandb
 

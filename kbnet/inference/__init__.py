@@ -3,7 +3,6 @@ self-ensemble, memory planning and checkpoint loading, behind one ``Restorer``."
 
 from kbnet.inference.ensemble import dihedral, dihedral_inverse, self_ensemble
 from kbnet.inference.loading import (
-    CheckpointError,
     LoadedModel,
     load_model,
     model_channels,
@@ -12,12 +11,10 @@ from kbnet.inference.loading import (
     model_size_multiple,
 )
 from kbnet.inference.memory import MemoryProfile, forward_peak_bytes, plan_tile, profile_model
-from kbnet.inference.padding import pad_to_multiple, reflect_pad
 from kbnet.inference.restorer import Restorer, resolve_device
 from kbnet.inference.tiling import blended_forward, official_tiled_forward, window_starts
 
 __all__ = [
-    "CheckpointError",
     "LoadedModel",
     "MemoryProfile",
     "Restorer",
@@ -31,10 +28,8 @@ __all__ = [
     "model_from_official",
     "model_size_multiple",
     "official_tiled_forward",
-    "pad_to_multiple",
     "plan_tile",
     "profile_model",
-    "reflect_pad",
     "resolve_device",
     "self_ensemble",
     "window_starts",

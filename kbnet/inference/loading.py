@@ -20,20 +20,14 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from kbnet.errors import MissingFileError, UserError
 from kbnet.inference.onnx_model import ONNX_SUFFIX, OnnxModel, OnnxModelError, providers_for
-from kbnet.models import KBNetL, KBNetS, create_model, list_models, load_weights
-from kbnet.models.kbnet_l import SIZE_MULTIPLE as KBNET_L_MULTIPLE
+from kbnet.models import WeightLoadError, create_model, list_models, load_weights, read_checkpoint
 from kbnet.models.weights import SAFETENSORS_SUFFIX, safetensors_metadata
 
 CREATE_MODEL = "kbnet.models.create_model"
 EMA_PREFIX = "ema.module."
 """Where our LightningModules keep the EMA copy of the backbone (``module.ema_decay``)."""
 PROJECT_WEIGHTS = ("auto", "ema", "net")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot give the requested model; the message names the file and what was expected."""
 
 
 @dataclass
@@ -45,22 +39,6 @@ class LoadedModel:
     name: str
     source: str
     config: dict[str, Any] | None = None
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """The unpickled content of a checkpoint file (memory-mapped where the format allows, so reading is cheap)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:
-        pass  # legacy (non-zip) files cannot be memory-mapped
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err} "
-                              "(truncated download or not a PyTorch file?)") from err
 
 
 def _hyper_parameters(content: Any) -> Mapping[str, Any]:
@@ -84,14 +62,14 @@ def task_of(content: Any) -> str | None:
 def _project_state(content: Mapping, path: Path, weights: str) -> tuple[Mapping[str, torch.Tensor] | Path, str]:
     """The weights to load from our checkpoint: the EMA copy (if asked, or by default when there is one) or ``net``."""
     if weights not in PROJECT_WEIGHTS:
-        raise CheckpointError(f"{path} is a checkpoint of this project: weights must be one of "
+        raise WeightLoadError(f"{path} is a checkpoint of this project: weights must be one of "
                               f"{', '.join(PROJECT_WEIGHTS)}, got {weights!r}")
     state = content.get("state_dict")
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: a Lightning checkpoint without a state_dict")
+        raise WeightLoadError(f"{path}: a Lightning checkpoint without a state_dict")
     ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
     if weights == "ema" and not ema:
-        raise CheckpointError(f"{path}: weights=ema asked, but the run kept no EMA (module.ema_decay was null)")
+        raise WeightLoadError(f"{path}: weights=ema asked, but the run kept no EMA (module.ema_decay was null)")
     if ema and weights != "net":
         return ema, "EMA weights"
     return path, "weights"
@@ -100,12 +78,12 @@ def _project_state(content: Mapping, path: Path, weights: str) -> tuple[Mapping[
 def _rebuild(path: Path, config: dict[str, Any], name: str, expect_name: str | None, source: str) -> nn.Module:
     """The model a file's stored config describes; a preset the user named that differs from it is refused."""
     if expect_name is not None and expect_name != name:
-        raise CheckpointError(f"{path} holds a {name!r} model, not {expect_name!r}: leave the model choice out "
+        raise WeightLoadError(f"{path} holds a {name!r} model, not {expect_name!r}: leave the model choice out "
                               "(the file rebuilds its own) or pass the matching preset")
     try:
         return instantiate(config)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot rebuild the model from {source} {config}: {err}") from err
+        raise WeightLoadError(f"{path}: cannot rebuild the model from {source} {config}: {err}") from err
 
 
 def model_from_checkpoint(path: str | Path, content: Any = None, weights: str = "auto",
@@ -115,7 +93,7 @@ def model_from_checkpoint(path: str | Path, content: Any = None, weights: str = 
     content = read_checkpoint(path) if content is None else content
     config = net_config_of(content)
     if config is None:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no hyper_parameters.net_config)")
+        raise WeightLoadError(f"{path} is not a checkpoint of this project (no hyper_parameters.net_config)")
     name = str(config.get("name", config.get("_target_", "?")))
     model = _rebuild(path, config, name, expect_name, "hyper_parameters.net_config")
     state, what = _project_state(content, path, weights)
@@ -140,7 +118,7 @@ def model_from_safetensors(path: str | Path, preset: str | None = None) -> Loade
     stored = metadata.get("kbnet.config")
     if stored is None:
         if preset is None:
-            raise CheckpointError(f"{path} has no kbnet metadata (not written by kbnet-export); name its preset with "
+            raise WeightLoadError(f"{path} has no kbnet metadata (not written by kbnet-export); name its preset with "
                                   f"--model (one of {', '.join(list_models())})")
         return model_from_official(path, create_model(preset), preset)
     config = json.loads(stored)
@@ -178,7 +156,7 @@ def load_model(path: str | Path, preset: str | None = None, weights: str | None 
     if net_config_of(content) is not None:
         return model_from_checkpoint(path, content, weights or "auto", expect_name=preset)
     if preset is None:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it has no hyper_parameters.net_config); "
+        raise WeightLoadError(f"{path} is not a checkpoint of this project (it has no hyper_parameters.net_config); "
                               f"for an official release file name its preset with --model (one of "
                               f"{', '.join(list_models())})")
     del content
@@ -196,11 +174,6 @@ def model_channels(model: nn.Module) -> int:
 
 
 def model_size_multiple(model: nn.Module) -> int:
-    """Side multiple the backbone runs at without internal padding (2**levels for KBNet_s, 8 for KBNet_l)."""
-    if isinstance(model, KBNetS):
-        return model.padder_size
-    if isinstance(model, KBNetL):
-        return KBNET_L_MULTIPLE
-    if isinstance(model, OnnxModel):
-        return model.size_multiple
-    return 1
+    """Side multiple the model runs at without internal padding: its ``size_multiple`` (the backbones and ONNX
+    exports state theirs); 1 for a network without one, which takes any size as it is."""
+    return getattr(model, "size_multiple", 1)

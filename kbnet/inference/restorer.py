@@ -26,8 +26,8 @@ from kbnet.inference.memory import (
     profile_model,
     quick_upper_bound,
 )
-from kbnet.inference.padding import pad_to_multiple
 from kbnet.inference.tiling import TileCallback, blended_forward, official_tiled_forward
+from kbnet.models.padding import pad_to_multiple
 from kbnet.ops import native
 
 TileMode = Literal["blend", "official"]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from kbnet.inference.padding import reflect_pad
+from kbnet.models.padding import reflect_pad
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 TileCallback = Callable[[int, int], None]

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
@@ -30,6 +29,7 @@ from kbnet.lit.losses import build_loss
 from kbnet.lit.resume import apply_optimizer_config
 from kbnet.lit.schedule import ProgressiveSchedule, lr_lambda
 from kbnet.metrics import ImageMean, psnr_torch, ssim_torch, to_y_uint8_levels
+from kbnet.models.padding import pad_to_multiple
 from kbnet.rundir import checkpoint_step
 
 log = logging.getLogger(__name__)
@@ -213,13 +213,11 @@ class RestorationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ validation
     def restore(self, inp: torch.Tensor) -> torch.Tensor:
-        """Reflect-pad to ``val_pad_multiple``, run the (EMA) backbone, crop back, clamp to [0, 1]."""
+        """Reflect-pad to ``val_pad_multiple`` (as evaluation does, images smaller than the pad included), run the
+        (EMA) backbone, crop back, clamp to [0, 1]."""
         net = self.ema.module if self.ema is not None else self.net
         height, width = inp.shape[-2:]
-        multiple = self.hparams.val_pad_multiple
-        pad_h, pad_w = -height % multiple, -width % multiple
-        padded = F.pad(inp, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else inp
-        return net(padded)[..., :height, :width].clamp(0, 1)
+        return net(pad_to_multiple(inp, self.hparams.val_pad_multiple))[..., :height, :width].clamp(0, 1)
 
     def image_metrics(self, pred: torch.Tensor, target: torch.Tensor,
                       with_ssim: bool = True) -> dict[str, torch.Tensor]:

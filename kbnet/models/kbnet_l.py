@@ -15,13 +15,11 @@ from kbnet.models.layers import (
     fusion_conv_groups,
     is_channels_last,
     kernel_bases,
-    pad_to_multiple,
     scaled_add,
     to_channels_last,
 )
+from kbnet.models.padding import PadMode, pad_to_multiple
 
-SIZE_MULTIPLE = 8
-"""Three PixelUnshuffle(2) downsamplings need H and W divisible by 8."""
 FUSION_GROUPS = 24
 """Most groups of the 3×3 conv that predicts the fusion coefficients (official ``interc = min(dim, 24)``)."""
 NORMALIZE_EPS = 1e-12
@@ -170,11 +168,16 @@ class Upsample(nn.Module):
 class KBNetL(nn.Module):
     """KBNet_l: Restormer's 4-level U-Net with concatenation skips, built from ``KBBlockL``.
 
-    The official network needs H and W divisible by 8; this one reflect-pads right/bottom to a multiple of 8 (as the
-    official test scripts do outside the network) and crops the result, so any size works and multiples of 8 give
-    exactly the official output. The global residual needs ``inp_channels == out_channels`` and is left out
-    otherwise (the official network always adds it).
+    The official network needs H and W divisible by 8; this one reflect-pads right/bottom to ``size_multiple``
+    (``pad_mode``, as the official test scripts do outside the network) and crops the result, so any size works and
+    multiples of 8 give exactly the official output. The global residual needs ``inp_channels == out_channels`` and
+    is left out otherwise (the official network always adds it).
     """
+
+    size_multiple: int = 8
+    """Three PixelUnshuffle(2) downsamplings need H and W divisible by 8."""
+    pad_mode: PadMode = "reflect"
+    """How ``forward`` fills the missing rows and columns: mirrored, as the official test scripts pad."""
 
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
@@ -211,7 +214,7 @@ class KBNetL(nn.Module):
 
     def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
         h, w = inp_img.shape[-2:]
-        inp = to_channels_last(pad_to_multiple(inp_img, SIZE_MULTIPLE, "reflect"))
+        inp = to_channels_last(pad_to_multiple(inp_img, self.size_multiple, self.pad_mode))
         # Each map is dropped right after its last use (``pop``, nested calls): at 2048² one full-resolution map
         # of 48 channels is 0.8 GB, so holding the skips to the end would cost gigabytes.
         skips = [self.encoder_level1(self.patch_embed(inp))]

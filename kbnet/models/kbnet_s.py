@@ -13,11 +13,11 @@ from kbnet.models.layers import (
     SimpleGate,
     fusion_conv_groups,
     kernel_bases,
-    pad_to_multiple,
     scale_parameter,
     scaled_add,
     to_channels_last,
 )
+from kbnet.models.padding import PadMode, pad_to_multiple
 
 FUSION_GROUPS = 32
 """Most groups of the 3×3 conv that predicts the fusion coefficients (official ``interc = min(c, 32)``)."""
@@ -82,9 +82,12 @@ class KBBlockS(nn.Module):
 class KBNetS(nn.Module):
     """KBNet_s: U-Net with additive skips; strided 2×2 conv down, 1×1 conv + PixelShuffle up, global residual.
 
-    Inputs of any size work: the image is zero-padded right/bottom to a multiple of 2**len(enc_blk_nums), exactly
+    Inputs of any size work: the image is zero-padded right/bottom to ``size_multiple`` (``pad_mode``), exactly
     as the official ``check_image_size``, and the output cropped back.
     """
+
+    pad_mode: PadMode = "constant"
+    """How ``forward`` fills the missing rows and columns: zeros, as the official ``check_image_size``."""
 
     def __init__(self, img_channel: int = 3, width: int = 64, middle_blk_num: int = 12,
                  enc_blk_nums: Sequence[int] = (2, 2, 4, 8), dec_blk_nums: Sequence[int] = (2, 2, 2, 2),
@@ -115,11 +118,13 @@ class KBNetS(nn.Module):
             self.ups.append(nn.Sequential(nn.Conv2d(chan, chan * 2, 1, bias=False), nn.PixelShuffle(2)))
             chan //= 2
             self.decoders.append(nn.Sequential(*[block(chan) for _ in range(num)]))
-        self.padder_size = 2 ** len(self.encoders)
+        self.size_multiple: int = 2 ** len(self.encoders)
+        """Each level's strided 2×2 conv halves H and W, so the U-Net needs sides divisible by 2**levels (a plain
+        attribute, not a buffer: state dicts keep the official keys)."""
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         h, w = inp.shape[-2:]
-        inp = to_channels_last(pad_to_multiple(inp, self.padder_size, "constant"))
+        inp = to_channels_last(pad_to_multiple(inp, self.size_multiple, self.pad_mode))
         x = self.intro(inp)
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):

@@ -121,13 +121,3 @@ def scale_parameter(channels: int, value: float = 1e-2) -> nn.Parameter:
     """A learnable per-channel scale (1, C, 1, 1); the official blocks start all of them at 1e-2."""
     return nn.Parameter(torch.full((1, channels, 1, 1), value))
 
-
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str) -> torch.Tensor:
-    """Pad right and bottom so H and W become multiples of ``multiple``."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x
-    if mode == "reflect" and (ph >= h or pw >= w):
-        mode = "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode) if mode != "constant" else F.pad(x, (0, pw, 0, ph))

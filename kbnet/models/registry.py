@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from kbnet.models.kbnet_l import KBNetL
@@ -58,3 +60,11 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a preset by name, e.g. ``create_model("kbnet_s_sidd")`` or ``create_model("kbnet_l", dim=32)``."""
     cls, kwargs = preset_kwargs(name, **overrides)
     return cls(**kwargs)
+
+
+@functools.cache
+def largest_size_multiple() -> int:
+    """The largest ``size_multiple`` of the presets: an image whose sides are multiples of it runs through every
+    preset unpadded. Read from copies built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return max(create_model(name).size_multiple for name in PRESETS)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,14 +22,40 @@ LIGHTNING_PREFIX = "net."
 """Our LightningModules keep the backbone in the attribute ``net``."""
 
 
-class WeightLoadError(UserError, RuntimeError):
-    """A checkpoint that does not fit the model; the message lists the differences and a likely cause."""
+class WeightLoadError(UserError, ValueError, RuntimeError):
+    """A weights file or checkpoint that cannot be read, or cannot give the requested model (tensors that do not
+    fit, another preset, no EMA copy); the message names the file and what was expected. A ``ValueError`` (the
+    content is not what was asked for) and a ``RuntimeError`` (what ``load_state_dict`` raises for tensors that do
+    not fit), so callers catching either keep working. A missing file is a ``MissingFileError``."""
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; a ``MissingFileError`` naming it when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The unpickled content of a PyTorch file (a checkpoint or bare weights), on the CPU.
+
+    The zip format ``torch.save`` writes is memory-mapped, so reading a large checkpoint for one entry (its step,
+    its config) is cheap; legacy files cannot be mapped and are read whole.
+    """
+    path = _existing_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+    except Exception as err:
+        raise WeightLoadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err} "
+                              "(truncated download or not a PyTorch file?)") from err
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` header (``kbnet-export`` stores the preset and config there)."""
     from safetensors import safe_open
 
+    path = _existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
@@ -38,6 +66,7 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    path = _existing_file(path)
     try:
         return load_file(str(path))
     except Exception as err:
@@ -50,15 +79,9 @@ def _read(source: str | os.PathLike | Mapping, key: str | None) -> tuple[dict[st
     if isinstance(source, str | os.PathLike):
         name = str(source)
         path = Path(source)
-        if not path.is_file():
-            raise MissingFileError(f"checkpoint not found: {path}")
         if path.suffix.lower() == SAFETENSORS_SUFFIX:
             return _read_safetensors(path), name
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise WeightLoadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err} "
-                                  "(truncated download or not a PyTorch file?)") from err
+        source = read_checkpoint(path)
     if not isinstance(source, Mapping):
         raise WeightLoadError(f"{name}: expected a state dict or a dict wrapping one, got {type(source).__name__}")
     if key is not None:
