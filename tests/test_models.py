@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kbnet.errors import UserError
 from kbnet.models import KBNetL, KBNetS, WeightLoadError, create_model, list_models, load_weights
 from kbnet.models.padding import pad_to_multiple
 from kbnet.models.registry import largest_size_multiple
@@ -171,10 +172,13 @@ def test_checkpoint_for_the_other_backbone_is_refused():
 
 
 def test_create_model_errors_name_the_problem():
-    with pytest.raises(KeyError, match="kbnet_s_sidd"):
+    with pytest.raises(KeyError, match="kbnet_s_sidd") as unknown:
         create_model("kbnet_x")
-    with pytest.raises(TypeError, match="wdith"):
+    with pytest.raises(TypeError, match="wdith") as bad_argument:
         create_model("kbnet_s_tiny", wdith=8)
+    # user errors, so the command-line tools print one line instead of a traceback; not quoted like a KeyError
+    assert isinstance(unknown.value, UserError) and isinstance(bad_argument.value, UserError)
+    assert str(unknown.value).startswith("unknown model 'kbnet_x'; available: ")
     assert {"kbnet_s", "kbnet_s_gray", "kbnet_s_sidd", "kbnet_l", "kbnet_s_tiny", "kbnet_l_tiny"} <= set(list_models())
 
 

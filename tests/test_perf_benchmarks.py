@@ -103,3 +103,9 @@ def test_a_user_error_in_a_benchmark_is_one_line_and_status_2(monkeypatch, capsy
     monkeypatch.setattr(kba_benchmark, "measure", missing)
     assert command.main(["kba", "--quick", "--no-memory"]) == 2
     assert capsys.readouterr().err == "error: no such case file\n"
+
+
+def test_an_unknown_model_is_one_line_and_status_2(capsys):
+    assert command.main(["models", "--models", "kbnet_x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'kbnet_x'; available: ") and err.count("\n") == 1

@@ -1,7 +1,8 @@
 """``evaluate(cfg)``: score a checkpoint on a task's test sets with the paper's protocol (``evaluate.py`` calls it).
 
 One device, one image at a time, in a plain loop rather than ``Trainer.test``: distributed test sampling pads
-shards with duplicated images (so some would be scored twice), and the protocols score numpy images with numpy metrics anyway.
+shards with duplicated images (so some would be scored twice), and the protocols score numpy images with numpy
+metrics anyway.
 """
 
 from __future__ import annotations

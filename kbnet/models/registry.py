@@ -11,8 +11,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from kbnet.errors import ConfigError
 from kbnet.models.kbnet_l import KBNetL
 from kbnet.models.kbnet_s import KBNetS
+
+
+class UnknownModelError(ConfigError, KeyError):
+    """A preset name that is not in ``PRESETS`` (a ``KeyError`` too, as for any unknown name in a mapping)."""
+
+    __str__ = Exception.__str__  # KeyError's own would quote the message
+
+
+class ModelArgumentError(ConfigError, TypeError):
+    """A preset override the backbone's constructor does not take (a ``TypeError``, like a bad keyword)."""
 
 
 @dataclass(frozen=True)
@@ -46,12 +57,12 @@ def list_models() -> list[str]:
 def preset_kwargs(name: str, **overrides: Any) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
     """The class and the full keyword arguments of a preset with ``overrides`` applied, validated."""
     if name not in PRESETS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     preset = PRESETS[name]
     valid = set(inspect.signature(preset.cls).parameters)
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise TypeError(f"model {name!r} ({preset.cls.__name__}) has no argument(s) {unknown}; "
+        raise ModelArgumentError(f"model {name!r} ({preset.cls.__name__}) has no argument(s) {unknown}; "
                         f"valid: {sorted(valid)}")
     return preset.cls, {**preset.kwargs, **overrides}
 
