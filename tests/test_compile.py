@@ -12,7 +12,7 @@ from kbnet.inference import Restorer
 from kbnet.models import KBNetS, create_model
 from kbnet.restore import build_parser
 from kbnet.training import train
-from tests.conftest import compose_train, tiny_run_overrides
+from tests.helpers.configs import compose_train, tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -14,17 +14,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from kbnet.builders import build_callbacks, build_loggers, build_module, check_launch, per_device_batch, resolve_config
 from kbnet.lit import DeblurModule, DenoiseModule, DerainModule, GaussianDenoiseModule
 from kbnet.models.kbnet_l import KBBlockL
 from kbnet.models.kbnet_s import KBBlockS
 from kbnet.models.summary import count_parameters
-from kbnet.tracking import WANDB_ID_FILE, evaluation_wandb_spec, training_wandb_spec
-from tests.conftest import CONFIG_DIR, compose_train
+from kbnet.tracking import WANDB_ID_FILE, evaluation_wandb_spec
+from tests.helpers.configs import CONFIG_DIR, compose_train, training_loggers
 
 TASKS = {
     "gaussian_denoise": (GaussianDenoiseModule, 3),
@@ -140,11 +140,6 @@ def test_strategies_build_distributed_trainers(tmp_path: Path) -> None:
 def test_uneven_global_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         per_device_batch(64, SimpleNamespace(num_devices=3, num_nodes=1))
-
-
-def training_loggers(cfg: DictConfig, run_dir: Path, is_launcher: bool = True) -> list[Logger]:
-    """The loggers ``train`` builds for a run in ``run_dir``."""
-    return build_loggers(cfg, functools.partial(training_wandb_spec, cfg, run_dir, is_launcher))
 
 
 @pytest.mark.parametrize(("logger", "cls"), [("csv", CSVLogger), ("tensorboard", TensorBoardLogger),

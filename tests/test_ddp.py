@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kbnet.rundir import CONFIG_FILE, RESULT_FILE
 from kbnet.training import train
-from tests.conftest import ROOT, compose_train
-from tests.test_wandb import offline_runs
+from tests.helpers import ROOT
+from tests.helpers.configs import compose_train
+from tests.helpers.wandb_records import offline_runs
 
 VAL_IMAGES = 3  # odd: DistributedSampler pads rank 1 with a copy of image 0, which must not be counted twice
 

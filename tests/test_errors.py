@@ -28,7 +28,8 @@ from kbnet.config_check import EVAL_KEYS, TASK_KEYS, TRAIN_KEYS, check_eval_conf
 from kbnet.data.datasets import PairedImageDataset
 from kbnet.data.verify import verify_datasets
 from kbnet.errors import ConfigError, DataError, UserError
-from tests.conftest import CONFIG_DIR, ROOT, compose_train
+from tests.helpers import ROOT
+from tests.helpers.configs import CONFIG_DIR, compose_train
 
 
 def run_user_command(args: list[str], cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:

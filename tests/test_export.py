@@ -19,8 +19,11 @@ from kbnet.inference.onnx_model import OnnxModel, OnnxModelError
 from kbnet.models import KBNetL, KBNetS, create_model, load_weights
 from kbnet.ops import kba, kba_reference, use_kba
 from kbnet.ops.kba_decomposed import kba_grouped_conv, kba_unfold_matmul
-from tests.reference import load_reference, relative_error
-from tests.test_inference_helpers import save_official_checkpoint, save_project_checkpoint
+from tests.helpers.checkpoints import save_official_checkpoint, save_project_checkpoint
+from tests.helpers.configs import SMALL_DEMO, compose_eval
+from tests.helpers.images import write_rgb
+from tests.helpers.reference import load_reference, relative_error
+from tests.helpers.threads import torch_threads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -64,13 +67,13 @@ def test_decomposed_is_an_implementation_of_kba():
 @pytest.fixture(scope="module", params=["kbnet_s_tiny", "kbnet_l_tiny"])
 def exported(request, tmp_path_factory):
     """One official-format file per tiny preset, exported to .onnx and .pt2 from one trace (messages kept)."""
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp(request.param)
     source = folder / "official.pth"
     net = save_official_checkpoint(source, request.param).eval()
     lines: list[str] = []
-    results = export(source, [folder / "model.onnx", folder / "model.pt2"], preset=request.param, sizes=SIZES,
-                     log=lines.append)
+    with torch_threads(1):
+        results = export(source, [folder / "model.onnx", folder / "model.pt2"], preset=request.param, sizes=SIZES,
+                         log=lines.append)
     return request.param, net, source, {r.format: r for r in results}, lines
 
 
@@ -131,7 +134,6 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
 def test_restore_with_exported_onnx(exported, tmp_path):
     """kbnet-restore takes the .onnx file and writes what the PyTorch model restores; a wrong preset is refused."""
     from kbnet.restore import main as restore_main
-    from tests.test_restore import write_rgb
 
     name, net, _, results, _ = exported
     photo = (np.random.default_rng(0).random((30, 45, 3)) * 255).astype(np.uint8)
@@ -228,11 +230,12 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("name", ["kbnet_s_sidd", "kbnet_s", "kbnet_l"])
 def test_full_presets_export(name, tmp_path):
     """The published configurations (random weights) export to .onnx and .pt2 within 1e-4 at three sizes."""
-    torch.set_num_threads(2)
     source = tmp_path / "official.pth"
     torch.save({"params": create_model(name).state_dict()}, source)
     lines: list[str] = []
-    results = export(source, [tmp_path / "m.onnx", tmp_path / "m.pt2"], preset=name, sizes=SIZES, log=lines.append)
+    with torch_threads(2):
+        results = export(source, [tmp_path / "m.onnx", tmp_path / "m.pt2"], preset=name, sizes=SIZES,
+                         log=lines.append)
     print("\n".join(lines))
     for result in results:
         assert result.verification.worst <= TOLERANCE
@@ -243,7 +246,6 @@ def test_evaluate_scores_an_exported_onnx_like_the_pytorch_model(exported, tmp_p
     """evaluate.py with pretrained=<.onnx>: the paper's protocol on the deployed file gives the PyTorch scores; a
     task with another channel count is refused before anything is written."""
     from kbnet.evaluation import evaluate
-    from tests.test_evaluation import SMALL_DEMO, compose_eval
 
     name, _, source, results, _ = exported
     task = "gaussian_denoise" if name == "kbnet_s_tiny" else "derain"

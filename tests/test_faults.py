@@ -1,7 +1,7 @@
 """Faults (issue #12): kill -9 anywhere, a save on another file system, a full disk, a NaN, a resume of a finished
 run. Nothing is lost or corrupted, and a killed-then-resumed run is bit-identical to the run that never stopped.
 
-Kills are real SIGKILLs of a training subprocess (``tests/fault_driver.py``). Full-disk and cross-device cases
+Kills are real SIGKILLs of a training subprocess (``tests/helpers/fault_driver.py``). Full-disk and cross-device cases
 mount a small tmpfs and skip (saying why) where the machine does not allow it; ``test_failed_write_*`` inject the
 same errors without mounting.
 """
@@ -41,7 +41,9 @@ from kbnet.rundir import (
 )
 from kbnet.sweep import ROW_FILE, read_rows
 from kbnet.training import train
-from tests.conftest import ROOT, compose_train, hydra_job, tiny_run_overrides
+from tests.helpers import ROOT
+from tests.helpers.configs import compose_train, hydra_job, tiny_run_overrides
+from tests.helpers.threads import torch_threads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,9 +61,9 @@ def exact_overrides(run_dir: Path, workers: int) -> list[str]:
 
 
 def drive(overrides: list[str], **kill: str) -> subprocess.CompletedProcess:
-    """``python -m tests.fault_driver`` with the kill variables ``kill`` (KBNET_KILL_STEP / KBNET_KILL_SAVE)."""
+    """``python -m tests.helpers.fault_driver`` with the kill variables ``kill`` (KBNET_KILL_STEP / KBNET_KILL_SAVE)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **kill}
-    return subprocess.run([sys.executable, "-m", "tests.fault_driver", *overrides], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tests.helpers.fault_driver", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -120,10 +122,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     def get(workers: int) -> Path:
         if workers not in runs:
             run_dir = tmp_path_factory.mktemp(f"reference{workers}") / "run"
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            train(compose_train(*exact_overrides(run_dir, workers)))
-            torch.set_num_threads(threads)
+            with torch_threads(1):
+                train(compose_train(*exact_overrides(run_dir, workers)))
             runs[workers] = run_dir
         return runs[workers]
 

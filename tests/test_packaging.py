@@ -13,8 +13,7 @@ import pytest
 
 from kbnet.benchmarks.command import BENCHMARKS
 from kbnet.benchmarks.common import memory_supported
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _build_wheel(out: Path) -> Path:

@@ -17,7 +17,8 @@ from kbnet.inference import Restorer, profile_model
 from kbnet.inference import restorer as restorer_module
 from kbnet.inference.memory import host_bytes
 from kbnet.restore import main
-from tests.test_inference_helpers import save_official_checkpoint, save_project_checkpoint
+from tests.helpers.checkpoints import save_official_checkpoint, save_project_checkpoint
+from tests.helpers.images import write_rgb
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
 
@@ -38,13 +39,6 @@ def color_ckpt(tmp_path) -> tuple[Path, torch.nn.Module]:
 def gray_ckpt(tmp_path) -> tuple[Path, torch.nn.Module]:
     path = tmp_path / "gray.ckpt"
     return path, save_project_checkpoint(path, "kbnet_s_tiny", width=8, img_channel=1)
-
-
-def write_rgb(path: Path, rgb: np.ndarray) -> Path:
-    """Write an RGB (or RGBA) array with OpenCV's BGR(A) order."""
-    order = [2, 1, 0, 3][: rgb.shape[2]]
-    assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, order]))
-    return path
 
 
 def read_raw(path: Path) -> np.ndarray:

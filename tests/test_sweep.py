@@ -28,8 +28,9 @@ from kbnet.sweep import (
     is_launch_process,
 )
 from kbnet.training import train
-from tests.conftest import CONFIG_DIR, ROOT, compose_train, hydra_job, tiny_run_overrides
-from tests.test_wandb import offline_runs
+from tests.helpers import ROOT
+from tests.helpers.configs import CONFIG_DIR, compose_train, hydra_job, tiny_run_overrides
+from tests.helpers.wandb_records import offline_runs
 
 DEMO = ["data.train_size=64", "data.val_size=48", "data.train_repeat=2", "data.patch_size=32",
         "task.progressive.patch_sizes=[16,16,24,24,32,32]", "global_batch_size=8", "trainer.accelerator=cpu",

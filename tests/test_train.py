@@ -12,9 +12,10 @@ from kbnet.data import DatasetNotFoundError
 from kbnet.rundir import CONFIG_FILE
 from kbnet.tracking import WANDB_ID_FILE
 from kbnet.training import train
-from tests.conftest import compose_train, tiny_run_overrides
+from tests.helpers.configs import compose_train, tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class WeightsProbe(L.Callback):
     """Saves the backbone weights training starts from."""

@@ -10,20 +10,9 @@ import torch
 
 from kbnet.tracking import WANDB_ID_FILE
 from kbnet.training import train
-from tests.conftest import compose_train, tiny_run_overrides
+from tests.helpers.configs import compose_train, tiny_run_overrides
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class CrashAt(L.Callback):
-    """Simulates a crash (e.g. a pre-empted job) when training reaches ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
 
 
 class TrainingStateProbe(L.Callback):
@@ -42,7 +31,7 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_and_wandb_run
     run_dir = tmp_path / "run"
     base = [*tiny_run_overrides(run_dir), "logger=[wandb,csv]", "trainer.max_steps=6"]
     with pytest.raises(RuntimeError, match="simulated crash at step 4"):
-        train(compose_train(*base, "+callbacks.crash={_target_:tests.test_train_resume.CrashAt,step:4}"))
+        train(compose_train(*base, "+callbacks.crash={_target_:tests.helpers.callbacks.CrashAt,step:4}"))
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4
     wandb_id = (run_dir / WANDB_ID_FILE).read_text().strip()

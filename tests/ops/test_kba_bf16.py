@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kbnet.ops import kba, native
-from tests.conftest import require_bf16
-from tests.reference import relative_error
+from tests.helpers import ROOT
+from tests.helpers.kba import require_bf16
+from tests.helpers.reference import relative_error
 
-ROOT = Path(__file__).resolve().parents[1]
 BF16_ROUNDING = 2.0**-8
 """bf16 keeps 8 significant bits: a value rounded to nearest bf16 is within this fraction of itself."""
 
@@ -119,6 +118,7 @@ def test_bf16_needs_an_even_group_size():
 AVX2_SCRIPT = """
 import json, sys, torch
 from kbnet.ops import native
+from tests.helpers import ROOT
 torch.manual_seed(0)
 inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
           torch.randn(1, 8, 16)]

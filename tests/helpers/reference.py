@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from tests.helpers import ROOT
+
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 NETWORK_FILES = ("kbnet_s_small.pt", "kbnet_s_small_light_gray.pt", "kbnet_l_small.pt")
 
 

@@ -11,7 +11,7 @@ from kbnet.models.padding import pad_to_multiple
 from kbnet.models.registry import largest_size_multiple
 from kbnet.models.summary import count_macs, count_parameters
 from kbnet.models.summary import main as summary_main
-from tests.reference import NETWORK_FILES, load_reference, relative_error
+from tests.helpers.reference import NETWORK_FILES, load_reference, relative_error
 
 ARCHS = {"KBNet_s": KBNetS, "KBNet_l": KBNetL}
 TINY = ("kbnet_s_tiny", "kbnet_l_tiny")

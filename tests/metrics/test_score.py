@@ -16,13 +16,8 @@ from skimage import data
 from kbnet.imageio import ImageReadError
 from kbnet.metrics import psnr, ssim
 from kbnet.metrics.score import main, pair_by_name, read_uint8, score_folders
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_rgb(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]) if rgb.ndim == 3 else rgb)
+from tests.helpers import ROOT
+from tests.helpers.images import write_rgb
 
 
 def _degrade(img: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -41,18 +36,18 @@ def folders(tmp_path, clean_images) -> tuple[Path, Path, dict[str, np.ndarray]]:
     """targets/<stem>.png and results/<stem>-kbnet_l.png, as the deraining test script names its outputs."""
     results = {}
     for i, (stem, img) in enumerate(clean_images.items()):
-        _write_rgb(tmp_path / "targets" / f"{stem}.png", img)
+        write_rgb(tmp_path / "targets" / f"{stem}.png", img)
         results[stem] = _degrade(img, 5 + 10 * i, seed=i)
-        _write_rgb(tmp_path / "results" / f"{stem}-kbnet_l.png", results[stem])
+        write_rgb(tmp_path / "results" / f"{stem}-kbnet_l.png", results[stem])
     return tmp_path / "results", tmp_path / "targets", results
 
 
 def test_read_uint8_is_exact(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3)).astype(np.uint8)
-    _write_rgb(tmp_path / "x.png", rgb)
+    write_rgb(tmp_path / "x.png", rgb)
     assert np.array_equal(read_uint8(tmp_path / "x.png"), rgb)
     gray = rgb[..., 0]
-    _write_rgb(tmp_path / "g.png", gray)
+    write_rgb(tmp_path / "g.png", gray)
     assert np.array_equal(read_uint8(tmp_path / "g.png"), gray[..., None])
 
 
@@ -75,8 +70,8 @@ def test_score_by_name_matches_direct_metrics(folders, clean_images, y_channel):
 def test_score_sorted_pairs_by_order(tmp_path, clean_images):
     stems = sorted(clean_images)
     for i, stem in enumerate(stems):
-        _write_rgb(tmp_path / "gt" / f"gt_{i:03d}.png", clean_images[stem])
-        _write_rgb(tmp_path / "out" / f"{i:03d}_restored.png", _degrade(clean_images[stem], 8, i))
+        write_rgb(tmp_path / "gt" / f"gt_{i:03d}.png", clean_images[stem])
+        write_rgb(tmp_path / "out" / f"{i:03d}_restored.png", _degrade(clean_images[stem], 8, i))
     table = score_folders(tmp_path / "out", tmp_path / "gt", y_channel=True, pairing="sorted")
     assert [(r["result"], r["target"]) for r in table.rows] == [
         (f"{i:03d}_restored.png", f"gt_{i:03d}.png") for i in range(3)]
@@ -87,7 +82,7 @@ def test_score_sorted_pairs_by_order(tmp_path, clean_images):
 
 def test_identical_folders_score_inf(tmp_path, clean_images):
     for stem, img in clean_images.items():
-        _write_rgb(tmp_path / "a" / f"{stem}.png", img)
+        write_rgb(tmp_path / "a" / f"{stem}.png", img)
     table = score_folders(tmp_path / "a", tmp_path / "a", y_channel=False)
     assert all(math.isinf(r["psnr"]) and r["ssim"] == 1.0 for r in table.rows)
 
@@ -125,7 +120,7 @@ def test_empty_folder(tmp_path, folders):
 
 def test_size_mismatch_names_both_files(folders, clean_images):
     results_dir, targets_dir, results = folders
-    _write_rgb(results_dir / "rain-2-kbnet_l.png", results["rain-2"][:90])
+    write_rgb(results_dir / "rain-2-kbnet_l.png", results["rain-2"][:90])
     with pytest.raises(ValueError, match=r"rain-2-kbnet_l.png is 128x90 .*/rain-2.png is 128x96"):
         score_folders(results_dir, targets_dir, y_channel=True)
 
@@ -142,8 +137,8 @@ def test_unreadable_and_16bit_files(folders):
 
 def test_too_small_for_ssim_names_the_pair(tmp_path):
     tiny = np.zeros((8, 8, 3), np.uint8)
-    _write_rgb(tmp_path / "r" / "x.png", tiny)
-    _write_rgb(tmp_path / "t" / "x.png", tiny)
+    write_rgb(tmp_path / "r" / "x.png", tiny)
+    write_rgb(tmp_path / "t" / "x.png", tiny)
     with pytest.raises(ValueError, match=r"cannot score .*x.png against .*x.png: SSIM needs"):
         score_folders(tmp_path / "r", tmp_path / "t", y_channel=False)
 
@@ -178,7 +173,7 @@ def test_cli_reports_errors(tmp_path, folders, capsys):
 def test_module_entry_point(folders):
     results_dir, targets_dir, _ = folders
     proc = subprocess.run([sys.executable, "-m", "kbnet.metrics.score", str(results_dir), str(targets_dir),
-                           "--pairing", "name"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                           "--pairing", "name"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "mean (3 images)" in proc.stdout and "RGB" in proc.stdout
     assert "RuntimeWarning" not in proc.stderr

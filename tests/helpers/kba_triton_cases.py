@@ -12,8 +12,8 @@ import torch
 
 from kbnet.models import create_model
 from kbnet.ops import kba, kba_reference, kba_triton, use_kba
-from tests.reference import load_reference, relative_error
-from tests.test_kba import random_case, require_native
+from tests.helpers.kba import random_case, require_native
+from tests.helpers.reference import load_reference, relative_error
 
 if not kba_triton.interpreting():
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported: run through tests/test_kba_triton.py",

@@ -36,7 +36,7 @@ from kbnet.models import WeightLoadError, load_weights, read_checkpoint
 from kbnet.models.padding import pad_to_multiple, reflect_pad
 from kbnet.ops import native
 from kbnet.rundir import checkpoint_step
-from tests.test_inference_helpers import outputs_equal, save_official_checkpoint, save_project_checkpoint, tiny_model
+from tests.helpers.checkpoints import outputs_equal, save_official_checkpoint, save_project_checkpoint, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
 

@@ -4,7 +4,6 @@ refusal to overwrite, and the Rain13K checker."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import cv2
@@ -13,8 +12,9 @@ import pytest
 
 from kbnet.data.prepare import crop_positions, grid_crops, sharpest
 from kbnet.imageio import Image, list_images, read_image, write_image
+from tests.helpers import ROOT
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR = ROOT / "data"
 
 
 def script(name: str) -> ModuleType:

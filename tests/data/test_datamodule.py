@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 from kbnet.data import TASKS, DatasetNotFoundError, DemoDataModule, RestorationDataModule
 from kbnet.imageio import write_image
+from tests.helpers import ROOT
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIG_DIR = ROOT / "configs" / "data"
 
 
 def write_pairs(inp: Path, tgt: Path, count: int, size: tuple[int, int] = (20, 24)) -> None:

@@ -12,6 +12,7 @@ from kbnet.benchmarks import kba as kba_benchmark
 from kbnet.benchmarks import models as models_benchmark
 from kbnet.benchmarks.common import bf16_kernels, cpu_model, memory_supported
 from kbnet.errors import DataError
+from tests.helpers.tables import table_rows
 
 
 @pytest.fixture(autouse=True)
@@ -19,11 +20,6 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def table_rows(text: str, first_cell: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith(f"| {first_cell}")]
 
 
 def test_kba_benchmark_quick(capsys):

@@ -10,7 +10,7 @@ from kbnet.models import create_model
 from kbnet.models.kbnet_l import TransAttention
 from kbnet.models.layers import KernelBasisAttention, LayerNorm2d, is_channels_last
 from kbnet.ops import native, use_kba
-from tests.reference import relative_error
+from tests.helpers.reference import relative_error
 
 TINY = ("kbnet_s_tiny", "kbnet_l_tiny")
 

@@ -10,12 +10,13 @@ import torch
 
 from kbnet.imageio import read_image, write_image
 from kbnet.inference import Restorer
+from kbnet.lit import DeblurModule
 from kbnet.models import create_model
 from kbnet.ops import native
 from kbnet.restore import main
-from tests.conftest import require_bf16
-from tests.test_inference_helpers import save_project_checkpoint
-from tests.test_lit_modules import NET_CONFIG, RECIPE, DeblurModule, PairsData, fit, tiny_net
+from tests.helpers.checkpoints import save_project_checkpoint
+from tests.helpers.kba import require_bf16
+from tests.helpers.lit import NET_CONFIG, RECIPE, PairsData, fit, tiny_net
 
 TINY = {"kbnet_s_tiny": {"width": 8}, "kbnet_l_tiny": {}}
 

@@ -8,7 +8,7 @@ import pytest
 
 from kbnet.benchmarks import deploy
 from kbnet.benchmarks import models as models_benchmark
-from tests.test_perf_benchmarks import table_rows
+from tests.helpers.tables import table_rows
 
 
 @pytest.mark.slow

@@ -9,19 +9,10 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import kbnet.ops.kernel_basis as kba_module
 from kbnet.ops import IMPLEMENTATIONS, default_impl, kba, kba_reference, native, use_kba
-from tests.reference import load_reference, relative_error
+from tests.helpers.kba import random_case, require_native
+from tests.helpers.reference import load_reference, relative_error
 
 OPS = {"kba": kba, "kba_reference": kba_reference}
-
-
-def random_case(b=2, c=8, h=5, w=6, nset=3, k=3, groups=2, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    gc = c // groups
-    tensors = [torch.randn(b, c, h, w, generator=gen, dtype=dtype),
-               torch.randn(b, nset, h, w, generator=gen, dtype=dtype),
-               torch.randn(1, nset, c * gc * k * k, generator=gen, dtype=dtype),
-               torch.randn(1, nset, c, generator=gen, dtype=dtype)]
-    return [t.requires_grad_() for t in tensors], k, groups
 
 
 def applicable(impl: str, x: torch.Tensor, groups: int) -> str:
@@ -29,19 +20,9 @@ def applicable(impl: str, x: torch.Tensor, groups: int) -> str:
     return "auto" if impl == "native" and not native.supports(x, groups) else impl
 
 
-def require_native() -> None:
-    if not native.available():
-        pytest.skip(f"native KBA kernels unavailable on this machine: {native.unavailable_reason()}")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine every parallel region waits for its slowest
-    thread: gradchecks run several times faster on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
+"""Tiny tensors gain nothing from threads, and on a busy machine every parallel region waits for its slowest
+thread: gradchecks run several times faster on one."""
 
 
 @pytest.fixture(params=[1, 10**9], ids=["one-row-slabs", "one-slab"])
@@ -59,7 +40,7 @@ def impl(request, monkeypatch) -> str:
         if request.param == "native-split":
             monkeypatch.setattr(native, "POSITIONS_PER_TASK", 16)
             monkeypatch.setattr(native, "MACS_PER_THREAD", 1)
-            torch.set_num_threads(2)  # restored by one_thread
+            torch.set_num_threads(2)  # restored by single_thread
         return "native"
     monkeypatch.setattr(kba_module, "SLAB_BYTES", 1 if "row" in request.param else 10**9)
     return "torch"

@@ -12,8 +12,6 @@ import scipy.io
 import skimage.data
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from skimage.metrics import structural_similarity
 
 import kbnet.evaluation.runner
@@ -22,21 +20,11 @@ from kbnet.evaluation.protocols import indoor_outdoor_pairs
 from kbnet.imageio import read_image
 from kbnet.models import WeightLoadError
 from kbnet.training import train
-from tests.conftest import compose_train, tiny_run_overrides
-from tests.test_inference_helpers import save_official_checkpoint, save_project_checkpoint
-from tests.test_wandb import offline_runs
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-SMALL_DEMO = ("data.val_size=32", "data.train_size=16")
-
+from tests.helpers.checkpoints import save_official_checkpoint, save_project_checkpoint
+from tests.helpers.configs import SMALL_DEMO, compose_eval, compose_train, tiny_run_overrides
+from tests.helpers.wandb_records import offline_runs
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread avoids OpenMP spin-waits
-
-
-def compose_eval(out_dir: Path, *overrides: str) -> DictConfig:
-    """``configs/eval.yaml`` with overrides, writing into ``out_dir`` (Hydra's run directory is not set here)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="eval", overrides=[f"paths.output_dir={out_dir}", "device=cpu", *overrides])
 
 
 def report(out_dir: Path, name: str) -> dict:

@@ -1,4 +1,4 @@
-"""A training process that can be killed at a chosen point: ``python -m tests.fault_driver <override> ...``.
+"""A training process that can be killed at a chosen point: ``python -m tests.helpers.fault_driver <override> ...``.
 
 The kill is a real ``SIGKILL`` of this process (no handler runs, no file is closed), placed by environment
 variables so the faults tests can aim it:
@@ -24,7 +24,7 @@ import torch
 
 from kbnet.rundir import TEMP_MARKER
 from kbnet.training import train
-from tests.conftest import compose_train
+from tests.helpers.configs import compose_train
 
 KILL_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_validation_batch_end")
 
@@ -86,7 +86,8 @@ def kill_inside_save(n: int, moment: str) -> None:
 def main(overrides: list[str]) -> None:
     if spec := os.environ.get("KBNET_KILL_STEP"):
         step, hook = spec.split(":")
-        overrides = [*overrides, f"+callbacks.kill={{_target_:tests.fault_driver.KillAt,step:{step},hook:{hook}}}"]
+        kill = f"{{_target_:tests.helpers.fault_driver.KillAt,step:{step},hook:{hook}}}"
+        overrides = [*overrides, f"+callbacks.kill={kill}"]
     if spec := os.environ.get("KBNET_KILL_SAVE"):
         n, moment = spec.split(":")
         kill_inside_save(int(n), moment)

@@ -17,7 +17,7 @@ import kbnet.ops.kernel_basis as kba_module
 from kbnet.errors import UserError
 from kbnet.models import create_model
 from kbnet.ops import kba, kba_triton, launches, use_kba
-from tests.test_kba import random_case, require_native
+from tests.helpers.kba import random_case, require_native
 
 TINY = ("kbnet_s_tiny", "kbnet_l_tiny")
 
