@@ -571,10 +571,10 @@ inline uint32_t to_bf16(float f) {  // round to nearest even; NaNs stay NaN (a s
 
 // pack for the bf16 path from an image of S (float or bf16 bits): float32 planes (Pairs false, one channel per
 // plane) or bf16 pair planes (Pairs true, channels 2·c2 and 2·c2 + 1 in one 32-bit value, see Bf16Pair). Pixel
-// (y, x) at base + y·row + x, zero elsewhere.
+// (y, x) at base + y·row + x, zero elsewhere. An odd channel count pairs the last channel with zeros.
 template <typename S, bool Pairs>
 void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t base, int64_t row, int threads) {
-  const int64_t per = Pairs ? 2 : 1, pc = im.channels / per;
+  const int64_t per = Pairs ? 2 : 1, pc = (im.channels + per - 1) / per;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < im.batch * pc; ++t) {
     const int64_t b = t / pc, c = t % pc * per;
@@ -582,12 +582,16 @@ void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t
     uint32_t* pp = static_cast<uint32_t*>(planes) + t * plane;
     if (Pairs) std::fill_n(pp, plane, 0u);
     else std::fill_n(pf, plane, 0.0f);
+    // The odd channel's offset and mask (a select on a loop invariant, so the loop still vectorises).
+    const int64_t odd = c + 1 < im.channels ? im.sc : 0;
+    const uint32_t odd_mask = c + 1 < im.channels ? ~0u : 0u;
     for (int64_t y = 0; y < im.height; ++y) {
       const S* src = img + b * im.sb + c * im.sc + y * im.sh;
       const int64_t o = base + y * row;
       auto copy = [&](int64_t sw) {
         for (int64_t x = 0; x < im.width; ++x) {
-          if (Pairs) pp[o + x] = to_bf16(to_float(src[x * sw])) | to_bf16(to_float(src[im.sc + x * sw])) << 16;
+          if (Pairs)
+            pp[o + x] = to_bf16(to_float(src[x * sw])) | (to_bf16(to_float(src[odd + x * sw])) << 16 & odd_mask);
           else pf[o + x] = to_float(src[x * sw]);
         }
       };
@@ -725,6 +729,146 @@ template <typename T, int GC> struct ForwardBf16 {
 template <typename T, int GC> struct GradAttBf16 {
   template <typename... A> static void run(A... args) { grad_att<T, GC, Bf16Pair>(args...); }
 };
+
+inline __m512bh splat_pair(uint32_t bits) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits)); }
+inline __m512bh load_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+// 16 floats rounded to bf16 (nearest even), stored as 16 consecutive bf16 values.
+inline void store_bf16(uint16_t* dst, __m512 v) { _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// grad_x in bf16 without rounding a product: dxp[s, off_j + p] += Σ_r g[r,p] · K[r,j,p] with the fused kernel
+// K[r,j,p] = Σ_n a[n,p] · W[n,r,j] summed over basis pairs (a and W are bf16, so each product is exact in float32)
+// for JB taps × GC rows × PB position vectors. a2: the coefficient pairs (n = 2·n2, 2·n2 + 1) of one image, wp the
+// basis pairs of the group at [j][r][n2].
+template <int JB, int GC, int PB>
+inline void scatter_pairs_block(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
+                                const int64_t* off, float* dx0, int64_t len, int64_t p, bool accumulate) {
+  __m512 k[JB][GC][PB];
+  for (int jj = 0; jj < JB; ++jj)
+    for (int r = 0; r < GC; ++r)
+      for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_setzero_ps();
+  for (int64_t n2 = 0; n2 < n2count; ++n2) {
+    __m512bh u[PB];
+    for (int i = 0; i < PB; ++i) u[i] = load_pairs(a2 + n2 * len + p + i * 16);
+    for (int jj = 0; jj < JB; ++jj)
+      for (int r = 0; r < GC; ++r) {
+        const __m512bh w = splat_pair(wp[(jj * GC + r) * n2count + n2]);
+        for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_dpbf16_ps(k[jj][r][i], u[i], w);
+      }
+  }
+  for (int i = 0; i < PB; ++i) {
+    Vec<float> g[GC];
+    for (int r = 0; r < GC; ++r) g[r] = load(g0 + r * len + p + i * 16);
+    for (int jj = 0; jj < JB; ++jj) {
+      Vec<float> s = g[0] * (Vec<float>)k[jj][0][i];
+      for (int r = 1; r < GC; ++r) s += g[r] * (Vec<float>)k[jj][r][i];
+      float* dst = dx0 + off[jj] + p + i * 16;
+      store(dst, accumulate ? load(dst) + s : s);
+    }
+  }
+}
+
+template <int JB, int GC>
+inline void scatter_pairs(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
+                          const int64_t* off, float* dx0, int64_t len, int64_t p0, int64_t count, bool accumulate) {
+  constexpr int PB = blocking(GC);
+  int64_t p = p0;
+  for (; p + PB * 16 <= p0 + count; p += PB * 16)
+    scatter_pairs_block<JB, GC, PB>(a2, n2count, wp, g0, off, dx0, len, p, accumulate);
+  for (; p < p0 + count; p += 16) scatter_pairs_block<JB, GC, 1>(a2, n2count, wp, g0, off, dx0, len, p, accumulate);
+}
+
+// grad_w in bf16: dwq[j, nr] += Σ_p u[j,p] · h[p,nr] over position pairs for JB taps × NB vectors of nr; ht2 rows
+// (one per position pair) hold (h[2·p2, nr], h[2·p2 + 1, nr]) pairs, up rows the tap values u[j, p] in bf16.
+template <int JB, int NB>
+inline void accumulate_pairs(const uint32_t* ht2, int64_t stride, int64_t pairs, const uint16_t* up, int64_t up_stride,
+                             float* dwq, int64_t dw_stride) {
+  __m512 acc[JB][NB];
+  for (int jj = 0; jj < JB; ++jj)
+    for (int k = 0; k < NB; ++k) acc[jj][k] = _mm512_loadu_ps(dwq + jj * dw_stride + k * 16);
+  for (int64_t p2 = 0; p2 < pairs; ++p2) {
+    __m512bh hv[NB];
+    for (int k = 0; k < NB; ++k) hv[k] = load_pairs(ht2 + p2 * stride + k * 16);
+    for (int jj = 0; jj < JB; ++jj) {
+      uint32_t bits;
+      std::memcpy(&bits, up + jj * up_stride + 2 * p2, sizeof bits);
+      const __m512bh u = splat_pair(bits);
+      for (int k = 0; k < NB; ++k) acc[jj][k] = _mm512_dpbf16_ps(acc[jj][k], hv[k], u);
+    }
+  }
+  for (int jj = 0; jj < JB; ++jj)
+    for (int k = 0; k < NB; ++k) _mm512_storeu_ps(dwq + jj * dw_stride + k * 16, acc[jj][k]);
+}
+
+template <int NB>
+inline void accumulate_pair_rows(const uint32_t* ht2, int64_t stride, int64_t pairs, const uint16_t* up,
+                                 int64_t up_stride, int64_t J, float* dwq, int64_t dw_stride) {
+  int64_t j = 0;
+  for (; j + kRowTaps <= J; j += kRowTaps)
+    accumulate_pairs<kRowTaps, NB>(ht2, stride, pairs, up + j * up_stride, up_stride, dwq + j * dw_stride, dw_stride);
+  for (; j < J; ++j) accumulate_pairs<1, NB>(ht2, stride, pairs, up + j * up_stride, up_stride, dwq + j * dw_stride,
+                                             dw_stride);
+}
+
+// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp, ap, gp and w are float32
+// holding bf16 values (the bases rounded as the forward applied them); a2 (B, N2 = ⌈N/2⌉, Lo) holds the
+// coefficient pairs. grad_w's products a·g are rounded to bf16 before the sum over positions; grad_x's are exact.
+template <int GC>
+void grad_x_w_bf16(const float* xp, const int64_t* off, const float* ap, const uint32_t* a2, const float* gp,
+                   const float* w, float* dxp, float* dw, const Dims& d, bool accumulate, int threads) {
+  const int64_t G = d.groups(), N = d.nset, N2 = (N + 1) / 2, J = d.taps(), S = d.basis_size(), Lo = d.len;
+  const int64_t NR = N * GC, nrp = (NR + 15) / 16 * 16, chunk = std::min(Lo, kChunk);
+  // Row strides one cache line longer than the rows (see grad_x_w).
+  const int64_t hs = chunk + 32, hts = nrp + 16, ups = chunk + 32;
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<uint16_t> h(NR * hs), up(J * ups);
+    Buffer<uint32_t> ht2(chunk / 2 * hts), wp(J * GC * N2);
+    Buffer<float> dwq(J * nrp);
+#pragma omp for schedule(dynamic)
+    for (int64_t q = 0; q < G; ++q) {
+      for (int64_t j = 0; j < J; ++j)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t n2 = 0; n2 < N2; ++n2) {
+            const float* wn = w + 2 * n2 * S + (q * GC + r) * J + j;
+            wp[(j * GC + r) * N2 + n2] = to_bf16(wn[0]) | (2 * n2 + 1 < N ? to_bf16(wn[S]) << 16 : 0u);
+          }
+      dwq.zero();
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const float* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+        const float* a0 = ap + b * N * Lo;
+        const float* g0 = gp + (b * d.channels + q * GC) * Lo;
+        float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
+          const int64_t len = std::min(chunk, Lo - p0);
+          for (int64_t j = 0; j < J; j += 2)  // J = GC·k² is even
+            scatter_pairs<2, GC>(a2 + b * N2 * Lo, N2, wp.data() + j * GC * N2, g0, off + j, dx0, Lo, p0, len,
+                                 accumulate);
+          for (int64_t n = 0; n < N; ++n)
+            for (int r = 0; r < GC; ++r)
+              for (int64_t p = 0; p < len; p += 16)
+                store_bf16(h.data() + (n * GC + r) * hs + p,
+                           _mm512_loadu_ps(a0 + n * Lo + p0 + p) * _mm512_loadu_ps(g0 + r * Lo + p0 + p));
+          transpose_rows(reinterpret_cast<const float*>(h.data()), hs / 2, NR, len / 2,
+                         reinterpret_cast<float*>(ht2.data()), hts);
+          for (int64_t t = 0; t < J; ++t)
+            for (int64_t p = 0; p < len; p += 16)
+              store_bf16(up.data() + t * ups + p, _mm512_loadu_ps(x0 + off[t] + p0 + p));
+          int64_t nr = 0;
+          for (; nr + 64 <= nrp; nr += 64)
+            accumulate_pair_rows<4>(ht2.data() + nr, hts, len / 2, up.data(), ups, J, dwq.data() + nr, nrp);
+          for (; nr < nrp; nr += 16)
+            accumulate_pair_rows<1>(ht2.data() + nr, hts, len / 2, up.data(), ups, J, dwq.data() + nr, nrp);
+        }
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t t = 0; t < J; ++t) dw[n * S + (q * GC + r) * J + t] = dwq[t * nrp + n * GC + r];
+    }
+  }
+}
+template <typename T, int GC> struct GradXWBf16 {
+  template <typename... A> static void run(A... args) { grad_x_w_bf16<GC>(args...); }
+};
 }  // namespace
 
 // xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
@@ -738,5 +882,12 @@ extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const f
                                  int threads) {
   if (gc == 1) return -1;
   return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
+}
+// xp, ap, gp: float32 planes of bf16 values, a2: (B, ⌈N/2⌉, Lo) coefficient pairs, w: float32 bf16-rounded bases.
+extern "C" int kba_grad_x_w_bf16(const float* xp, const int64_t* off, const float* ap, const uint32_t* a2,
+                                 const float* gp, const float* w, float* dxp, float* dw, KBA_DIMS_ARGS,
+                                 int64_t accumulate, int threads) {
+  if (gc == 1) return -1;
+  return dispatch_gc<float, GradXWBf16>(gc, xp, off, ap, a2, gp, w, dxp, dw, KBA_DIMS, accumulate != 0, threads);
 }
 #endif

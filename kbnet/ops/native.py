@@ -100,6 +100,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     if lib.kba_isa() & 2:
         lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 8 + [i32]
         lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
+        lib.kba_grad_x_w_bf16.argtypes = [ptr] * 8 + [i64] * 8 + [i32]
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
     lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
@@ -195,9 +196,9 @@ def _unpack(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_fo
 
 def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool) -> torch.Tensor:
     """``_pack`` of a float32 or bfloat16 image into float32 planes (B, C, plane), or with ``pairs`` into the bf16
-    pair planes of the bf16 kernels (B, C/2, plane) (see ``_Layout.pairs``)."""
+    pair planes of the bf16 kernels (B, ⌈C/2⌉, plane) (see ``_Layout.pairs``)."""
     b, c, h, w = image.shape
-    planes = torch.empty(b, c // 2 if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
+    planes = torch.empty(b, -(-c // 2) if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
     _lib().kba_pack_convert(image.data_ptr(), int(image.dtype == torch.bfloat16), int(pairs), b, c, h, w,
                             *image.stride(), planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -246,6 +247,11 @@ class _Layout:
         if t.dtype == torch.bfloat16:
             return _pack_converted(t, self.length, 0, self.row, pairs=False)
         return _pack(t, self.length, 0, self.row)
+
+    def pair_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, M, H, W) per-pixel values rounded to bf16 as (B, ⌈M/2⌉, length) pairs of consecutive channels (the
+        even one in the low half; an odd M pairs the last channel with zeros)."""
+        return _pack_converted(t, self.length, 0, self.row, pairs=True)
 
     def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None
                ) -> torch.Tensor:
@@ -432,9 +438,10 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     """Gradients of KBA w.r.t. x, att, weight and bias, recomputing everything from the inputs, each in the dtype
     of its input.
 
-    With bfloat16 ``x`` and ``att``, grad_att (the same basis application as the forward) runs in the bf16
-    kernels; grad_x and grad_w, sums over the bases and positions, run in float32 on the bf16 values and the
-    bf16-rounded bases the forward applied, so the weight and bias gradients are accumulated in float32."""
+    With bfloat16 ``x`` and ``att`` every gradient runs in the bf16 kernels on the bf16-rounded bases the forward
+    applied, with float32 sums: grad_att as the forward, grad_x as a sum of exact products (coefficient × basis,
+    then grad_out in float32), grad_w over products a·grad_out rounded to bf16. The weight and bias gradients are
+    accumulated and returned in float32."""
     _check_supported(x, groups)
     lay = _layout(x, kernel_size, groups)
     nset = att.shape[1]
@@ -457,8 +464,12 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
 
     dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
-    _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight, *lay.dims(nset),
-          int(lay.accumulates))
+    if bf16:
+        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, lay.offsets, ap, lay.pair_positions(att), gp, weight,
+              dxp, grad_weight, *lay.dims(nset), int(lay.accumulates))
+    else:
+        _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight,
+              *lay.dims(nset), int(lay.accumulates))
     grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
     del xp, ap, gp
     grads = (lay.input_grad(dxp, _memory_format(x), x.dtype), grad_att, grad_weight, grad_bias)
