@@ -155,9 +155,11 @@ inline void apply_bases(const Bf16Pair* x0, const int64_t* off, const Dims& d, c
 // odd nset.
 constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
 constexpr int blocking(int gc) { return kRegisters == 32 ? (gc <= 4 ? 6 : 3) : (gc <= 4 ? 3 : 1); }
-// The same budget for grad_x (kTapBlock taps × kScatterBlock position vectors) and grad_w (kRowTaps taps × 4
-// vectors of basis rows).
-constexpr int kScatterBlock = kRegisters == 32 ? 6 : 3;
+// The same budget for grad_x (kScatterTaps taps × kScatterBlock position vectors: with 32 registers 6 × 4, so a
+// tap count of 9·gc splits into blocks of 6 and 3 and a chunk of 128 floats into whole blocks) and grad_w
+// (kRowTaps taps × 4 vectors of basis rows).
+constexpr int kScatterTaps = kRegisters == 32 ? 6 : 4;
+constexpr int kScatterBlock = kRegisters == 32 ? 4 : 3;
 constexpr int kRowTaps = kRegisters == 32 ? 6 : 3;
 
 // Where the bases n.. of group q start in w: per basis C rows of taps()/kChannelsPer values.
@@ -190,24 +192,28 @@ inline void forward_block(const X* x0, const T* a0, const X* w, const T* bias, T
     for (int i = 0; i < PB; ++i) store(o0 + r * d.len + p + i * kLanes<T>, acc[r][i]);
 }
 
-// xp and w hold T values or bf16 pairs (X = Bf16Pair, chan_stride then counts pairs).
+// xp and w hold T values or bf16 pairs (X = Bf16Pair, chan_stride then counts pairs). Tasks split the positions
+// into `parts` ranges and the groups into `qblocks` ranges; a task runs its groups one after the other, so the
+// coefficients of its positions (read by every group) stay in cache.
 template <typename T, int GC, typename X = T>
 void forward(const X* xp, const int64_t* off, const T* ap, const X* w, const T* bias, T* out, const Dims& d,
-             int64_t parts, int threads) {
+             int64_t parts, int64_t qblocks, int threads) {
   constexpr int PB = blocking(GC);
-  const int64_t G = d.groups();
+  const int64_t G = d.groups(), per_qblock = (G + qblocks - 1) / qblocks;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < d.batch * G * parts; ++t) {
-    const int64_t b = t / (G * parts), q = t / parts % G;
+  for (int64_t t = 0; t < d.batch * parts * qblocks; ++t) {
+    const int64_t b = t / (parts * qblocks), qb = t % qblocks;
     int64_t begin, end;
-    range_of<T>(t % parts, parts, d.len, begin, end);
-    const X* x0 = xp + (b * d.channels + q * GC) / kChannelsPer<X> * d.chan_stride;
+    range_of<T>(t / qblocks % parts, parts, d.len, begin, end);
     const T* a0 = ap + b * d.nset * d.len;
-    T* o0 = out + (b * d.channels + q * GC) * d.len;
-    int64_t p = begin;
-    for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
-      forward_block<T, X, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
-    for (; p < end; p += kLanes<T>) forward_block<T, X, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
+    for (int64_t q = qb * per_qblock; q < std::min(G, (qb + 1) * per_qblock); ++q) {
+      const X* x0 = xp + (b * d.channels + q * GC) / kChannelsPer<X> * d.chan_stride;
+      T* o0 = out + (b * d.channels + q * GC) * d.len;
+      int64_t p = begin;
+      for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
+        forward_block<T, X, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
+      for (; p < end; p += kLanes<T>) forward_block<T, X, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
+    }
   }
 }
 
@@ -418,9 +424,11 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
           const T* hd = h.data();
           T* dxc = dx0 + p0;
           int64_t j = 0;
-          for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          constexpr int JB = kScatterTaps, JH = kScatterTaps / 2;
+          const T* wj = wq.data();
+          for (; j + JB <= J; j += JB) scatter_taps<T, JB>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
+          for (; j + JH <= J; j += JH) scatter_taps<T, JH>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
+          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
           int64_t nr = 0;
           for (; nr + 4 * V <= nrp; nr += 4 * V)
             accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
@@ -653,8 +661,8 @@ template <typename T, int GC> struct GradXW {
 #define KBA_DIMS Dims{batch, channels, nset, ksize, gc, chan_stride, len}
 #define KBA_ENTRY_POINTS(T, SUFFIX)                                                                                  \
   extern "C" int kba_forward_##SUFFIX(const T* xp, const int64_t* off, const T* ap, const T* w, const T* bias,       \
-                                      T* out, KBA_DIMS_ARGS, int64_t parts, int threads) {                          \
-    return dispatch_gc<T, Forward>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, threads);                         \
+                                      T* out, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks, int threads) {         \
+    return dispatch_gc<T, Forward>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads);                \
   }                                                                                                                  \
   extern "C" int kba_grad_att_##SUFFIX(const T* xp, const int64_t* off, const T* gp, const T* w, const T* bias,      \
                                        T* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks, int threads) {       \
@@ -873,9 +881,10 @@ template <typename T, int GC> struct GradXWBf16 {
 
 // xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
 extern "C" int kba_forward_bf16(const Bf16Pair* xp, const int64_t* off, const float* ap, const Bf16Pair* w,
-                                const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int threads) {
+                                const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
+                                int threads) {
   if (gc == 1) return -1;
-  return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, threads);
+  return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads);
 }
 extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const float* gp, const Bf16Pair* w,
                                  const float* bias, float* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,

@@ -98,14 +98,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kba_isa.argtypes, lib.kba_isa.restype = [], i64
     if lib.kba_isa() & 2:
-        lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 8 + [i32]
+        lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_x_w_bf16.argtypes = [ptr] * 8 + [i64] * 8 + [i32]
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
     lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
     for suffix in ("f32", "f64"):
-        getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 8 + [i32]
+        getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         getattr(lib, f"kba_grad_att_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         getattr(lib, f"kba_grad_x_w_{suffix}").argtypes = [ptr] * 7 + [i64] * 8 + [i32]
         getattr(lib, f"kba_unfold_{suffix}").argtypes = [ptr] + [i64] * 9 + [ptr, i64, i32]
@@ -397,15 +397,10 @@ POSITIONS_PER_TASK = 1024
 """Positions of one plane per task: enough to reuse a group's bases from cache, few enough to balance threads."""
 
 
-def _parts(lay: _Layout, planes: int) -> int:
-    """Position ranges per plane: a few tasks per thread, none too long."""
-    want = max(-(-lay.length // POSITIONS_PER_TASK), -(-4 * torch.get_num_threads() // planes))
-    return max(1, min(want, lay.length // lay.align))
-
-
 def _split_groups(lay: _Layout, groups: int) -> tuple[int, int]:
-    """(position ranges, group blocks) of the grad_att tasks. Its sum runs over the groups, so they are split into
-    blocks (each with its own partial sum) only when the positions alone give too few tasks."""
+    """(position ranges, group blocks) of the forward and grad_att tasks. A task runs the groups of its block one
+    after the other on the same positions, whose coefficients (forward) or partial sums (grad_att, one per block)
+    then stay in cache, so the groups are split into blocks only when the positions alone give too few tasks."""
     parts = max(1, -(-lay.length // POSITIONS_PER_TASK))
     return parts, min(groups, max(1, -(-4 * torch.get_num_threads() // (lay.b * parts))))
 
@@ -422,13 +417,13 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
         out = torch.empty(lay.b, lay.c, lay.length)
         _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
-              _parts(lay, lay.b * groups))
+              *_split_groups(lay, groups))
         del xp, ap
         return lay.pixels(out, _memory_format(x), torch.bfloat16)
     xp, ap = lay.neighbourhoods(x), lay.positions(att)
     out = x.new_empty(lay.b, lay.c, lay.length)
     _call("kba_forward", lay, nset, x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
-          *lay.dims(nset), _parts(lay, lay.b * groups))
+          *lay.dims(nset), *_split_groups(lay, groups))
     del xp, ap  # before the result is allocated: lower peak memory on large images
     return lay.pixels(out, _memory_format(x))
 
