@@ -51,7 +51,7 @@ def bf16_case(b, c, h, w, nset, groups, seed=0, k=3):
 ])
 def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups, k):
     """Same numbers in, float32 sums inside: the bf16 path differs from the float32 one only by summation order and
-    the final rounding of its bf16 results, except for the bases' gradient (float32), whose products a·grad_out are
+    the final rounding of its bf16 results, except for the bases' gradient (float32), whose products grad_out·x are
     rounded to bf16: it agrees to float32 precision with that sum and to bf16 precision with the float32 path."""
     require_bf16()
     if split:
@@ -80,12 +80,12 @@ def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_las
 
 
 def weight_grad_of_rounded_products(x, att, grad, groups, k=3):
-    """The bases' gradient Σ_p u·bf16(a·grad_out) in float64: the sum the bf16 kernels compute in float32."""
+    """The bases' gradient Σ_p a·bf16(grad_out·u) in float64: the sum the bf16 kernels compute in float32."""
     b, c, h, w = x.shape
     gc, nset = c // groups, att.shape[1]
-    taps = F.unfold(x.double(), k, padding=k // 2).view(b, groups, gc * k * k, h * w)
-    products = (att.flatten(2)[:, :, None] * grad.flatten(2)[:, None]).bfloat16().double()  # exact, then rounded
-    grad_w = torch.einsum("bnqrp,bqjp->nqrj", products.view(b, nset, groups, gc, h * w), taps)
+    taps = F.unfold(x, k, padding=k // 2).view(b, groups, 1, gc * k * k, h * w)
+    products = (grad.view(b, groups, gc, 1, h * w) * taps).bfloat16().double()  # exact in float32, then rounded
+    grad_w = torch.einsum("bnp,bqrjp->nqrj", att.flatten(2).double(), products)
     return grad_w.reshape(1, nset, c * gc * k * k)
 
 

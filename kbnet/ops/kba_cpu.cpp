@@ -775,63 +775,72 @@ inline void scatter_pairs_block(const uint32_t* a2, int64_t n2count, const uint3
   }
 }
 
-template <int JB, int GC>
+// grad_x in bf16 over one image's positions: position blocks outside and taps inside, so a block's coefficient
+// pairs stay in L1 for all taps. JB taps × GC rows × PB vectors = 24 accumulators; J = GC·k² is a multiple of JB.
+template <int GC>
 inline void scatter_pairs(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
-                          const int64_t* off, float* dx0, int64_t len, int64_t p0, int64_t count, bool accumulate) {
-  constexpr int PB = blocking(GC);
-  int64_t p = p0;
-  for (; p + PB * 16 <= p0 + count; p += PB * 16)
-    scatter_pairs_block<JB, GC, PB>(a2, n2count, wp, g0, off, dx0, len, p, accumulate);
-  for (; p < p0 + count; p += 16) scatter_pairs_block<JB, GC, 1>(a2, n2count, wp, g0, off, dx0, len, p, accumulate);
+                          const int64_t* off, float* dx0, int64_t len, int64_t J, bool accumulate) {
+  constexpr int JB = GC == 2 ? 2 : 1, PB = 24 / (JB * GC);
+  int64_t p = 0;
+  for (; p + PB * 16 <= len; p += PB * 16)
+    for (int64_t j = 0; j < J; j += JB)
+      scatter_pairs_block<JB, GC, PB>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
+  for (; p < len; p += 16)
+    for (int64_t j = 0; j < J; j += JB)
+      scatter_pairs_block<JB, GC, 1>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
 }
 
-// grad_w in bf16: dwq[j, nr] += Σ_p u[j,p] · h[p,nr] over position pairs for JB taps × NB vectors of nr; ht2 rows
-// (one per position pair) hold (h[2·p2, nr], h[2·p2 + 1, nr]) pairs, up rows the tap values u[j, p] in bf16.
-template <int JB, int NB>
-inline void accumulate_pairs(const uint32_t* ht2, int64_t stride, int64_t pairs, const uint16_t* up, int64_t up_stride,
-                             float* dwq, int64_t dw_stride) {
-  __m512 acc[JB][NB];
-  for (int jj = 0; jj < JB; ++jj)
-    for (int k = 0; k < NB; ++k) acc[jj][k] = _mm512_loadu_ps(dwq + jj * dw_stride + k * 16);
+// grad_w in bf16: dwq[t, n] += Σ_p a[n,p] · v[t,p] over position pairs for RB rows t = (r, j) × NB vectors of
+// bases n. at2 rows (one per position pair) hold (a[n, 2·p2], a[n, 2·p2 + 1]) pairs, v rows the products
+// v[t,p] = g[r,p]·u[j,p] in bf16, so a pair of consecutive values is one 32-bit broadcast.
+template <int RB, int NB>
+inline void accumulate_pairs(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
+                             int64_t v_stride, float* dwq, int64_t dw_stride) {
+  __m512 acc[RB][NB];
+  for (int t = 0; t < RB; ++t)
+    for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_loadu_ps(dwq + t * dw_stride + k * 16);
   for (int64_t p2 = 0; p2 < pairs; ++p2) {
-    __m512bh hv[NB];
-    for (int k = 0; k < NB; ++k) hv[k] = load_pairs(ht2 + p2 * stride + k * 16);
-    for (int jj = 0; jj < JB; ++jj) {
+    __m512bh av[NB];
+    for (int k = 0; k < NB; ++k) av[k] = load_pairs(at2 + p2 * at_stride + k * 16);
+    for (int t = 0; t < RB; ++t) {
       uint32_t bits;
-      std::memcpy(&bits, up + jj * up_stride + 2 * p2, sizeof bits);
+      std::memcpy(&bits, v + t * v_stride + 2 * p2, sizeof bits);
       const __m512bh u = splat_pair(bits);
-      for (int k = 0; k < NB; ++k) acc[jj][k] = _mm512_dpbf16_ps(acc[jj][k], hv[k], u);
+      for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], u);
     }
   }
-  for (int jj = 0; jj < JB; ++jj)
-    for (int k = 0; k < NB; ++k) _mm512_storeu_ps(dwq + jj * dw_stride + k * 16, acc[jj][k]);
+  for (int t = 0; t < RB; ++t)
+    for (int k = 0; k < NB; ++k) _mm512_storeu_ps(dwq + t * dw_stride + k * 16, acc[t][k]);
 }
 
+// 12 rows × 2 vectors of bases = 24 accumulators (32 bases); single rows finish the GC·k² rows of other k.
 template <int NB>
-inline void accumulate_pair_rows(const uint32_t* ht2, int64_t stride, int64_t pairs, const uint16_t* up,
-                                 int64_t up_stride, int64_t J, float* dwq, int64_t dw_stride) {
-  int64_t j = 0;
-  for (; j + kRowTaps <= J; j += kRowTaps)
-    accumulate_pairs<kRowTaps, NB>(ht2, stride, pairs, up + j * up_stride, up_stride, dwq + j * dw_stride, dw_stride);
-  for (; j < J; ++j) accumulate_pairs<1, NB>(ht2, stride, pairs, up + j * up_stride, up_stride, dwq + j * dw_stride,
-                                             dw_stride);
+inline void accumulate_pair_rows(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
+                                 int64_t v_stride, int64_t rows, float* dwq, int64_t dw_stride) {
+  constexpr int RB = 12;
+  int64_t t = 0;
+  for (; t + RB <= rows; t += RB)
+    accumulate_pairs<RB, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
+  for (; t < rows; ++t)
+    accumulate_pairs<1, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
 }
 
-// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp, ap, gp and w are float32
-// holding bf16 values (the bases rounded as the forward applied them); a2 (B, N2 = ⌈N/2⌉, Lo) holds the
-// coefficient pairs. grad_w's products a·g are rounded to bf16 before the sum over positions; grad_x's are exact.
+// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp and gp are float32 planes
+// holding bf16 values, w the bases rounded to bf16 as the forward applied them; a2 (B, ⌈N/2⌉, Lo) holds the
+// coefficient pairs of consecutive bases, at2 (B, Lo/2, Np) those of consecutive positions (bases zero-padded to
+// Np, a multiple of 16). grad_w's products grad_out·x are rounded to bf16 before the sum; grad_x's are exact.
 template <int GC>
-void grad_x_w_bf16(const float* xp, const int64_t* off, const float* ap, const uint32_t* a2, const float* gp,
-                   const float* w, float* dxp, float* dw, const Dims& d, bool accumulate, int threads) {
+void grad_x_w_bf16(const float* xp, const int64_t* off, const uint32_t* a2, const uint32_t* at2, int64_t np,
+                   const float* gp, const float* w, float* dxp, float* dw, const Dims& d, bool accumulate,
+                   int threads) {
   const int64_t G = d.groups(), N = d.nset, N2 = (N + 1) / 2, J = d.taps(), S = d.basis_size(), Lo = d.len;
-  const int64_t NR = N * GC, nrp = (NR + 15) / 16 * 16, chunk = std::min(Lo, kChunk);
-  // Row strides one cache line longer than the rows (see grad_x_w).
-  const int64_t hs = chunk + 32, hts = nrp + 16, ups = chunk + 32;
+  const int64_t rows = GC * J, chunk = std::min(Lo, kChunk);
+  const int64_t vs = chunk + 32;  // one cache line longer than a row (see grad_x_w)
 #pragma omp parallel num_threads(threads)
   {
-    Buffer<uint16_t> h(NR * hs), up(J * ups);
-    Buffer<uint32_t> ht2(chunk / 2 * hts), wp(J * GC * N2);
-    Buffer<float> dwq(J * nrp);
+    Buffer<uint16_t> v(rows * vs);
+    Buffer<uint32_t> wp(J * GC * N2);
+    Buffer<float> dwq(rows * np);
 #pragma omp for schedule(dynamic)
     for (int64_t q = 0; q < G; ++q) {
       for (int64_t j = 0; j < J; ++j)
@@ -843,34 +852,27 @@ void grad_x_w_bf16(const float* xp, const int64_t* off, const float* ap, const u
       dwq.zero();
       for (int64_t b = 0; b < d.batch; ++b) {
         const float* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
-        const float* a0 = ap + b * N * Lo;
         const float* g0 = gp + (b * d.channels + q * GC) * Lo;
         float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+        scatter_pairs<GC>(a2 + b * N2 * Lo, N2, wp.data(), g0, off, dx0, Lo, J, accumulate);
         for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
           const int64_t len = std::min(chunk, Lo - p0);
-          for (int64_t j = 0; j < J; j += 2)  // J = GC·k² is even
-            scatter_pairs<2, GC>(a2 + b * N2 * Lo, N2, wp.data() + j * GC * N2, g0, off + j, dx0, Lo, p0, len,
-                                 accumulate);
-          for (int64_t n = 0; n < N; ++n)
-            for (int r = 0; r < GC; ++r)
+          for (int r = 0; r < GC; ++r)
+            for (int64_t j = 0; j < J; ++j)
               for (int64_t p = 0; p < len; p += 16)
-                store_bf16(h.data() + (n * GC + r) * hs + p,
-                           _mm512_loadu_ps(a0 + n * Lo + p0 + p) * _mm512_loadu_ps(g0 + r * Lo + p0 + p));
-          transpose_rows(reinterpret_cast<const float*>(h.data()), hs / 2, NR, len / 2,
-                         reinterpret_cast<float*>(ht2.data()), hts);
-          for (int64_t t = 0; t < J; ++t)
-            for (int64_t p = 0; p < len; p += 16)
-              store_bf16(up.data() + t * ups + p, _mm512_loadu_ps(x0 + off[t] + p0 + p));
-          int64_t nr = 0;
-          for (; nr + 64 <= nrp; nr += 64)
-            accumulate_pair_rows<4>(ht2.data() + nr, hts, len / 2, up.data(), ups, J, dwq.data() + nr, nrp);
-          for (; nr < nrp; nr += 16)
-            accumulate_pair_rows<1>(ht2.data() + nr, hts, len / 2, up.data(), ups, J, dwq.data() + nr, nrp);
+                store_bf16(v.data() + (r * J + j) * vs + p,
+                           _mm512_loadu_ps(g0 + r * Lo + p0 + p) * _mm512_loadu_ps(x0 + off[j] + p0 + p));
+          const uint32_t* at = at2 + (b * Lo + p0) / 2 * np;
+          int64_t n = 0;
+          for (; n + 32 <= np; n += 32)
+            accumulate_pair_rows<2>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
+          for (; n < np; n += 16)
+            accumulate_pair_rows<1>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
         }
       }
       for (int64_t n = 0; n < N; ++n)
         for (int r = 0; r < GC; ++r)
-          for (int64_t t = 0; t < J; ++t) dw[n * S + (q * GC + r) * J + t] = dwq[t * nrp + n * GC + r];
+          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[(r * J + j) * np + n];
     }
   }
 }
@@ -892,11 +894,13 @@ extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const f
   if (gc == 1) return -1;
   return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
 }
-// xp, ap, gp: float32 planes of bf16 values, a2: (B, ⌈N/2⌉, Lo) coefficient pairs, w: float32 bf16-rounded bases.
-extern "C" int kba_grad_x_w_bf16(const float* xp, const int64_t* off, const float* ap, const uint32_t* a2,
-                                 const float* gp, const float* w, float* dxp, float* dw, KBA_DIMS_ARGS,
+// xp, gp: float32 planes of bf16 values, a2 and at2: coefficient pairs (see grad_x_w_bf16), w: float32 bf16-rounded
+// bases.
+extern "C" int kba_grad_x_w_bf16(const float* xp, const int64_t* off, const uint32_t* a2, const uint32_t* at2,
+                                 int64_t np, const float* gp, const float* w, float* dxp, float* dw, KBA_DIMS_ARGS,
                                  int64_t accumulate, int threads) {
   if (gc == 1) return -1;
-  return dispatch_gc<float, GradXWBf16>(gc, xp, off, ap, a2, gp, w, dxp, dw, KBA_DIMS, accumulate != 0, threads);
+  return dispatch_gc<float, GradXWBf16>(gc, xp, off, a2, at2, np, gp, w, dxp, dw, KBA_DIMS, accumulate != 0,
+                                        threads);
 }
 #endif

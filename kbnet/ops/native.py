@@ -100,7 +100,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     if lib.kba_isa() & 2:
         lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
-        lib.kba_grad_x_w_bf16.argtypes = [ptr] * 8 + [i64] * 8 + [i32]
+        lib.kba_grad_x_w_bf16.argtypes = [ptr] * 4 + [i64] + [ptr] * 4 + [i64] * 8 + [i32]
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
     lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
@@ -373,6 +373,14 @@ def _pair_bases(weight: torch.Tensor, channels: int, gc: int, k: int) -> torch.T
     return out
 
 
+def _position_pairs(ap: torch.Tensor) -> torch.Tensor:
+    """Coefficients (B, N, length) of bf16 values as (B, length/2, Np) pairs of consecutive positions (the even one
+    in the low half), the bases zero-padded to Np, a multiple of 16 (one vector of the bf16 kernels)."""
+    b, n, length = ap.shape
+    pairs = ap.view(b, n, length // 2, 2).to(torch.bfloat16).view(torch.int32).squeeze(-1)
+    return torch.nn.functional.pad(pairs.transpose(1, 2), (0, -n % 16)).contiguous()
+
+
 MACS_PER_THREAD = 2**22
 """Work below which one more thread costs more in start-up and barrier than it saves."""
 
@@ -435,7 +443,7 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
 
     With bfloat16 ``x`` and ``att`` every gradient runs in the bf16 kernels on the bf16-rounded bases the forward
     applied, with float32 sums: grad_att as the forward, grad_x as a sum of exact products (coefficient × basis,
-    then grad_out in float32), grad_w over products a·grad_out rounded to bf16. The weight and bias gradients are
+    then grad_out in float32), grad_w over products grad_out·x rounded to bf16. The weight and bias gradients are
     accumulated and returned in float32."""
     _check_supported(x, groups)
     lay = _layout(x, kernel_size, groups)
@@ -460,8 +468,9 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
     if bf16:
-        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, lay.offsets, ap, lay.pair_positions(att), gp, weight,
-              dxp, grad_weight, *lay.dims(nset), int(lay.accumulates))
+        position_pairs = _position_pairs(ap)
+        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, lay.offsets, lay.pair_positions(att), position_pairs,
+              position_pairs.shape[-1], gp, weight, dxp, grad_weight, *lay.dims(nset), int(lay.accumulates))
     else:
         _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight,
               *lay.dims(nset), int(lay.accumulates))
