@@ -825,15 +825,18 @@ inline void accumulate_pair_rows(const uint32_t* at2, int64_t at_stride, int64_t
     accumulate_pairs<1, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
 }
 
-// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp and gp are float32 planes
-// holding bf16 values, w the bases rounded to bf16 as the forward applied them; a2 (B, ⌈N/2⌉, Lo) holds the
-// coefficient pairs of consecutive bases, at2 (B, Lo/2, Np) those of consecutive positions (bases zero-padded to
-// Np, a multiple of 16). grad_w's products grad_out·x are rounded to bf16 before the sum; grad_x's are exact.
+// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp holds the input in bf16
+// pairs of in-channels as the forward reads it (poff: its pair-tap offsets), dxp float32 planes of the same
+// stride (off: their tap offsets); gp is float32 holding bf16 values, w the bases rounded to bf16 as the forward
+// applied them; a2 (B, ⌈N/2⌉, Lo) holds the coefficient pairs of consecutive bases, at2 (B, Lo/2, Np) those of
+// consecutive positions (bases zero-padded to Np, a multiple of 16). grad_w's products grad_out·x are rounded to
+// bf16 before the sum; grad_x's are exact.
 template <int GC>
-void grad_x_w_bf16(const float* xp, const int64_t* off, const uint32_t* a2, const uint32_t* at2, int64_t np,
-                   const float* gp, const float* w, float* dxp, float* dw, const Dims& d, bool accumulate,
-                   int threads) {
+void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, const uint32_t* a2,
+                   const uint32_t* at2, int64_t np, const float* gp, const float* w, float* dxp, float* dw,
+                   const Dims& d, bool accumulate, int threads) {
   const int64_t G = d.groups(), N = d.nset, N2 = (N + 1) / 2, J = d.taps(), S = d.basis_size(), Lo = d.len;
+  const int64_t k2 = d.ksize * d.ksize;
   const int64_t rows = GC * J, chunk = std::min(Lo, kChunk);
   const int64_t vs = chunk + 32;  // one cache line longer than a row (see grad_x_w)
 #pragma omp parallel num_threads(threads)
@@ -851,17 +854,23 @@ void grad_x_w_bf16(const float* xp, const int64_t* off, const uint32_t* a2, cons
           }
       dwq.zero();
       for (int64_t b = 0; b < d.batch; ++b) {
-        const float* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+        const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
         const float* g0 = gp + (b * d.channels + q * GC) * Lo;
         float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
         scatter_pairs<GC>(a2 + b * N2 * Lo, N2, wp.data(), g0, off, dx0, Lo, J, accumulate);
         for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
           const int64_t len = std::min(chunk, Lo - p0);
-          for (int r = 0; r < GC; ++r)
-            for (int64_t j = 0; j < J; ++j)
-              for (int64_t p = 0; p < len; p += 16)
-                store_bf16(v.data() + (r * J + j) * vs + p,
-                           _mm512_loadu_ps(g0 + r * Lo + p0 + p) * _mm512_loadu_ps(x0 + off[j] + p0 + p));
+          for (int64_t j = 0; j < J; ++j) {
+            const int64_t s = j / k2;  // in-channel s of tap j: the low (even s) or high half of its pair
+            const Bf16Pair* uj = x0 + poff[s / 2 * k2 + j % k2] + p0;
+            for (int64_t p = 0; p < len; p += 16) {
+              const __m512i pairs = _mm512_loadu_si512(uj + p);
+              const __m512 u = _mm512_castsi512_ps(s % 2 ? _mm512_and_si512(pairs, _mm512_set1_epi32(~0xffff))
+                                                         : _mm512_slli_epi32(pairs, 16));
+              for (int r = 0; r < GC; ++r)
+                store_bf16(v.data() + (r * J + j) * vs + p, _mm512_loadu_ps(g0 + r * Lo + p0 + p) * u);
+            }
+          }
           const uint32_t* at = at2 + (b * Lo + p0) / 2 * np;
           int64_t n = 0;
           for (; n + 32 <= np; n += 32)
@@ -894,13 +903,13 @@ extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const f
   if (gc == 1) return -1;
   return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
 }
-// xp, gp: float32 planes of bf16 values, a2 and at2: coefficient pairs (see grad_x_w_bf16), w: float32 bf16-rounded
-// bases.
-extern "C" int kba_grad_x_w_bf16(const float* xp, const int64_t* off, const uint32_t* a2, const uint32_t* at2,
-                                 int64_t np, const float* gp, const float* w, float* dxp, float* dw, KBA_DIMS_ARGS,
-                                 int64_t accumulate, int threads) {
+// xp: pairs as in kba_forward_bf16 (poff their offsets), dxp: (B, C, chan_stride) float32 (off its offsets),
+// a2 and at2: coefficient pairs (see grad_x_w_bf16), gp: float32 of bf16 values, w: float32 bf16-rounded bases.
+extern "C" int kba_grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, const uint32_t* a2,
+                                 const uint32_t* at2, int64_t np, const float* gp, const float* w, float* dxp,
+                                 float* dw, KBA_DIMS_ARGS, int64_t accumulate, int threads) {
   if (gc == 1) return -1;
-  return dispatch_gc<float, GradXWBf16>(gc, xp, off, a2, at2, np, gp, w, dxp, dw, KBA_DIMS, accumulate != 0,
+  return dispatch_gc<float, GradXWBf16>(gc, xp, poff, off, a2, at2, np, gp, w, dxp, dw, KBA_DIMS, accumulate != 0,
                                         threads);
 }
 #endif

@@ -100,7 +100,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     if lib.kba_isa() & 2:
         lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
-        lib.kba_grad_x_w_bf16.argtypes = [ptr] * 4 + [i64] + [ptr] * 4 + [i64] * 8 + [i32]
+        lib.kba_grad_x_w_bf16.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 8 + [i32]
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
     lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
@@ -262,7 +262,7 @@ class _Layout:
         return _unpack(tp, 0, self.row, self.h, self.w, memory_format)
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        """The buffer the kernels read the taps from (float32 for a bfloat16 ``x``)."""
+        """The buffer the float kernels read the taps from (the bf16 kernels read ``pair_neighbourhoods``)."""
         raise NotImplementedError
 
     def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,8 +305,6 @@ class _PaddedRows(_Layout):
         self.offsets = (torch.arange(self.gc)[:, None] * self.chan_stride + taps[None, :]).flatten()
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16:
-            return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=False)
         return _pack(x, self.chan_stride, self.base, self.row)
 
     def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
@@ -450,27 +448,29 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     nset = att.shape[1]
     dtypes = (x.dtype, att.dtype, weight.dtype, bias.dtype)
     bf16 = x.dtype == torch.bfloat16
-    xp, ap, gp = lay.neighbourhoods(x), lay.positions(att), lay.positions(grad_out)
-    bias = bias.to(xp.dtype).contiguous()
+    ap, gp = lay.positions(att), lay.positions(grad_out)
+    bias = bias.to(ap.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
-    datt = xp.new_zeros(qblocks, lay.b, nset, lay.length)
-    if bf16:
-        _call("kba_grad_att", lay, nset, torch.bfloat16, lay.pair_neighbourhoods(x), lay.pair_offsets(), gp,
+    datt = ap.new_zeros(qblocks, lay.b, nset, lay.length)
+    if bf16:  # one buffer of x for both kernels: the bf16 pairs the forward read
+        xp, offsets = lay.pair_neighbourhoods(x), lay.pair_offsets()
+        _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias, datt, *lay.dims(nset), parts, qblocks)
         weight = weight.to(torch.bfloat16).float()
     else:
-        weight = weight.contiguous()
+        xp, weight = lay.neighbourhoods(x), weight.contiguous()
         _call("kba_grad_att", lay, nset, x.dtype, xp, lay.offsets, gp, weight, bias, datt, *lay.dims(nset), parts,
               qblocks)
     grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att), att.dtype)
 
-    dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
+    dxp = (ap.new_zeros if lay.accumulates else ap.new_empty)(lay.b, lay.c, lay.chan_stride)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
     if bf16:
         position_pairs = _position_pairs(ap)
-        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, lay.offsets, lay.pair_positions(att), position_pairs,
-              position_pairs.shape[-1], gp, weight, dxp, grad_weight, *lay.dims(nset), int(lay.accumulates))
+        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, offsets, lay.offsets, lay.pair_positions(att),
+              position_pairs, position_pairs.shape[-1], gp, weight, dxp, grad_weight, *lay.dims(nset),
+              int(lay.accumulates))
     else:
         _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight,
               *lay.dims(nset), int(lay.accumulates))
