@@ -46,8 +46,8 @@ def bf16_case(b, c, h, w, nset, groups, seed=0, k=3):
     (2, 16, 9, 21, 8, 4, 3),  # 4 channels per group (KBNet_s), padded rows, an odd nset remainder for gc 4
     (1, 12, 11, 17, 5, 6, 3),  # 2 channels per group (KBNet_l), odd nset
     (1, 16, 6, 7, 4, 2, 3),  # 8 channels per group, narrow: columns
-    (1, 8, 8, 10, 32, 4, 3),  # 32 bases: grad_w's 4-vector blocks of basis rows
-    (1, 4, 7, 12, 3, 2, 5),  # 5×5 kernels: a grad_w tap remainder
+    (1, 8, 8, 10, 32, 4, 3),  # 32 bases: grad_w's blocks of two vectors of bases
+    (1, 4, 7, 12, 3, 2, 5),  # 5×5 kernels: single rows after grad_w's blocks of 12
 ])
 def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups, k):
     """Same numbers in, float32 sums inside: the bf16 path differs from the float32 one only by summation order and

@@ -117,7 +117,7 @@ inline void apply_bases(const T* x0, const int64_t* off, const Dims& d, const T*
 // bf16 operands (AVX512_BF16): the neighbourhood and the bases hold pairs of consecutive in-channels s = 2·s2,
 // 2·s2 + 1 of a group in one 32-bit value (the even channel in the low half), so one vdpbf16ps multiplies 16
 // positions × 2 channels and accumulates both products in float32; a pair-tap j2 = (s2, ky, kx) replaces two taps.
-// Coefficients, grad_out, biases, accumulators and results stay float32.
+// Coefficients, grad_out, biases, accumulators and results stay float32 (grad_x_w_bf16 also pairs coefficients).
 struct Bf16Pair {
   uint32_t bits;
 };
