@@ -117,7 +117,7 @@ inline void apply_bases(const T* x0, const int64_t* off, const Dims& d, const T*
 // bf16 operands (AVX512_BF16): the neighbourhood and the bases hold pairs of consecutive in-channels s = 2·s2,
 // 2·s2 + 1 of a group in one 32-bit value (the even channel in the low half), so one vdpbf16ps multiplies 16
 // positions × 2 channels and accumulates both products in float32; a pair-tap j2 = (s2, ky, kx) replaces two taps.
-// Coefficients, grad_out, biases, accumulators and results stay float32.
+// Coefficients, grad_out, biases, accumulators and results stay float32 (grad_x_w_bf16 also pairs coefficients).
 struct Bf16Pair {
   uint32_t bits;
 };
@@ -155,9 +155,11 @@ inline void apply_bases(const Bf16Pair* x0, const int64_t* off, const Dims& d, c
 // odd nset.
 constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
 constexpr int blocking(int gc) { return kRegisters == 32 ? (gc <= 4 ? 6 : 3) : (gc <= 4 ? 3 : 1); }
-// The same budget for grad_x (kTapBlock taps × kScatterBlock position vectors) and grad_w (kRowTaps taps × 4
-// vectors of basis rows).
-constexpr int kScatterBlock = kRegisters == 32 ? 6 : 3;
+// The same budget for grad_x (kScatterTaps taps × kScatterBlock position vectors: with 32 registers 6 × 4, so a
+// tap count of 9·gc splits into blocks of 6 and 3 and a chunk of 128 floats into whole blocks) and grad_w
+// (kRowTaps taps × 4 vectors of basis rows).
+constexpr int kScatterTaps = kRegisters == 32 ? 6 : 4;
+constexpr int kScatterBlock = kRegisters == 32 ? 4 : 3;
 constexpr int kRowTaps = kRegisters == 32 ? 6 : 3;
 
 // Where the bases n.. of group q start in w: per basis C rows of taps()/kChannelsPer values.
@@ -190,24 +192,28 @@ inline void forward_block(const X* x0, const T* a0, const X* w, const T* bias, T
     for (int i = 0; i < PB; ++i) store(o0 + r * d.len + p + i * kLanes<T>, acc[r][i]);
 }
 
-// xp and w hold T values or bf16 pairs (X = Bf16Pair, chan_stride then counts pairs).
+// xp and w hold T values or bf16 pairs (X = Bf16Pair, chan_stride then counts pairs). Tasks split the positions
+// into `parts` ranges and the groups into `qblocks` ranges; a task runs its groups one after the other, so the
+// coefficients of its positions (read by every group) stay in cache.
 template <typename T, int GC, typename X = T>
 void forward(const X* xp, const int64_t* off, const T* ap, const X* w, const T* bias, T* out, const Dims& d,
-             int64_t parts, int threads) {
+             int64_t parts, int64_t qblocks, int threads) {
   constexpr int PB = blocking(GC);
-  const int64_t G = d.groups();
+  const int64_t G = d.groups(), per_qblock = (G + qblocks - 1) / qblocks;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < d.batch * G * parts; ++t) {
-    const int64_t b = t / (G * parts), q = t / parts % G;
+  for (int64_t t = 0; t < d.batch * parts * qblocks; ++t) {
+    const int64_t b = t / (parts * qblocks), qb = t % qblocks;
     int64_t begin, end;
-    range_of<T>(t % parts, parts, d.len, begin, end);
-    const X* x0 = xp + (b * d.channels + q * GC) / kChannelsPer<X> * d.chan_stride;
+    range_of<T>(t / qblocks % parts, parts, d.len, begin, end);
     const T* a0 = ap + b * d.nset * d.len;
-    T* o0 = out + (b * d.channels + q * GC) * d.len;
-    int64_t p = begin;
-    for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
-      forward_block<T, X, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
-    for (; p < end; p += kLanes<T>) forward_block<T, X, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
+    for (int64_t q = qb * per_qblock; q < std::min(G, (qb + 1) * per_qblock); ++q) {
+      const X* x0 = xp + (b * d.channels + q * GC) / kChannelsPer<X> * d.chan_stride;
+      T* o0 = out + (b * d.channels + q * GC) * d.len;
+      int64_t p = begin;
+      for (; p + PB * kLanes<T> <= end; p += PB * kLanes<T>)
+        forward_block<T, X, GC, PB>(x0, a0, w, bias, o0, off, d, q, p);
+      for (; p < end; p += kLanes<T>) forward_block<T, X, GC, 1>(x0, a0, w, bias, o0, off, d, q, p);
+    }
   }
 }
 
@@ -418,9 +424,11 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
           const T* hd = h.data();
           T* dxc = dx0 + p0;
           int64_t j = 0;
-          for (; j + 4 <= J; j += 4) scatter_taps<T, 4>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          for (; j + 2 <= J; j += 2) scatter_taps<T, 2>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
-          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wq.data() + j * NR, off + j, dxc, accumulate);
+          constexpr int JB = kScatterTaps, JH = kScatterTaps / 2;
+          const T* wj = wq.data();
+          for (; j + JB <= J; j += JB) scatter_taps<T, JB>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
+          for (; j + JH <= J; j += JH) scatter_taps<T, JH>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
+          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
           int64_t nr = 0;
           for (; nr + 4 * V <= nrp; nr += 4 * V)
             accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
@@ -571,10 +579,10 @@ inline uint32_t to_bf16(float f) {  // round to nearest even; NaNs stay NaN (a s
 
 // pack for the bf16 path from an image of S (float or bf16 bits): float32 planes (Pairs false, one channel per
 // plane) or bf16 pair planes (Pairs true, channels 2·c2 and 2·c2 + 1 in one 32-bit value, see Bf16Pair). Pixel
-// (y, x) at base + y·row + x, zero elsewhere.
+// (y, x) at base + y·row + x, zero elsewhere. An odd channel count pairs the last channel with zeros.
 template <typename S, bool Pairs>
 void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t base, int64_t row, int threads) {
-  const int64_t per = Pairs ? 2 : 1, pc = im.channels / per;
+  const int64_t per = Pairs ? 2 : 1, pc = (im.channels + per - 1) / per;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < im.batch * pc; ++t) {
     const int64_t b = t / pc, c = t % pc * per;
@@ -582,12 +590,16 @@ void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t
     uint32_t* pp = static_cast<uint32_t*>(planes) + t * plane;
     if (Pairs) std::fill_n(pp, plane, 0u);
     else std::fill_n(pf, plane, 0.0f);
+    // The odd channel's offset and mask (a select on a loop invariant, so the loop still vectorises).
+    const int64_t odd = c + 1 < im.channels ? im.sc : 0;
+    const uint32_t odd_mask = c + 1 < im.channels ? ~0u : 0u;
     for (int64_t y = 0; y < im.height; ++y) {
       const S* src = img + b * im.sb + c * im.sc + y * im.sh;
       const int64_t o = base + y * row;
       auto copy = [&](int64_t sw) {
         for (int64_t x = 0; x < im.width; ++x) {
-          if (Pairs) pp[o + x] = to_bf16(to_float(src[x * sw])) | to_bf16(to_float(src[im.sc + x * sw])) << 16;
+          if (Pairs)
+            pp[o + x] = to_bf16(to_float(src[x * sw])) | (to_bf16(to_float(src[odd + x * sw])) << 16 & odd_mask);
           else pf[o + x] = to_float(src[x * sw]);
         }
       };
@@ -649,8 +661,8 @@ template <typename T, int GC> struct GradXW {
 #define KBA_DIMS Dims{batch, channels, nset, ksize, gc, chan_stride, len}
 #define KBA_ENTRY_POINTS(T, SUFFIX)                                                                                  \
   extern "C" int kba_forward_##SUFFIX(const T* xp, const int64_t* off, const T* ap, const T* w, const T* bias,       \
-                                      T* out, KBA_DIMS_ARGS, int64_t parts, int threads) {                          \
-    return dispatch_gc<T, Forward>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, threads);                         \
+                                      T* out, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks, int threads) {         \
+    return dispatch_gc<T, Forward>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads);                \
   }                                                                                                                  \
   extern "C" int kba_grad_att_##SUFFIX(const T* xp, const int64_t* off, const T* gp, const T* w, const T* bias,      \
                                        T* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks, int threads) {       \
@@ -725,18 +737,179 @@ template <typename T, int GC> struct ForwardBf16 {
 template <typename T, int GC> struct GradAttBf16 {
   template <typename... A> static void run(A... args) { grad_att<T, GC, Bf16Pair>(args...); }
 };
+
+inline __m512bh splat_pair(uint32_t bits) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits)); }
+inline __m512bh load_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+// 16 floats rounded to bf16 (nearest even), stored as 16 consecutive bf16 values.
+inline void store_bf16(uint16_t* dst, __m512 v) { _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// grad_x in bf16 without rounding a product: dxp[s, off_j + p] += Σ_r g[r,p] · K[r,j,p] with the fused kernel
+// K[r,j,p] = Σ_n a[n,p] · W[n,r,j] summed over basis pairs (a and W are bf16, so each product is exact in float32)
+// for JB taps × GC rows × PB position vectors. a2: the coefficient pairs (n = 2·n2, 2·n2 + 1) of one image, wp the
+// basis pairs of the group at [j][r][n2].
+template <int JB, int GC, int PB>
+inline void scatter_pairs_block(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
+                                const int64_t* off, float* dx0, int64_t len, int64_t p, bool accumulate) {
+  __m512 k[JB][GC][PB];
+  for (int jj = 0; jj < JB; ++jj)
+    for (int r = 0; r < GC; ++r)
+      for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_setzero_ps();
+  for (int64_t n2 = 0; n2 < n2count; ++n2) {
+    __m512bh u[PB];
+    for (int i = 0; i < PB; ++i) u[i] = load_pairs(a2 + n2 * len + p + i * 16);
+    for (int jj = 0; jj < JB; ++jj)
+      for (int r = 0; r < GC; ++r) {
+        const __m512bh w = splat_pair(wp[(jj * GC + r) * n2count + n2]);
+        for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_dpbf16_ps(k[jj][r][i], u[i], w);
+      }
+  }
+  for (int i = 0; i < PB; ++i) {
+    Vec<float> g[GC];
+    for (int r = 0; r < GC; ++r) g[r] = load(g0 + r * len + p + i * 16);
+    for (int jj = 0; jj < JB; ++jj) {
+      Vec<float> s = g[0] * (Vec<float>)k[jj][0][i];
+      for (int r = 1; r < GC; ++r) s += g[r] * (Vec<float>)k[jj][r][i];
+      float* dst = dx0 + off[jj] + p + i * 16;
+      store(dst, accumulate ? load(dst) + s : s);
+    }
+  }
+}
+
+// grad_x in bf16 over one image's positions: position blocks outside and taps inside, so a block's coefficient
+// pairs stay in L1 for all taps. JB taps × GC rows × PB vectors = 24 accumulators; J = GC·k² is a multiple of JB.
+template <int GC>
+inline void scatter_pairs(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
+                          const int64_t* off, float* dx0, int64_t len, int64_t J, bool accumulate) {
+  constexpr int JB = GC == 2 ? 2 : 1, PB = 24 / (JB * GC);
+  int64_t p = 0;
+  for (; p + PB * 16 <= len; p += PB * 16)
+    for (int64_t j = 0; j < J; j += JB)
+      scatter_pairs_block<JB, GC, PB>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
+  for (; p < len; p += 16)
+    for (int64_t j = 0; j < J; j += JB)
+      scatter_pairs_block<JB, GC, 1>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
+}
+
+// grad_w in bf16: dwq[t, n] += Σ_p a[n,p] · v[t,p] over position pairs for RB rows t = (r, j) × NB vectors of
+// bases n. at2 rows (one per position pair) hold (a[n, 2·p2], a[n, 2·p2 + 1]) pairs, v rows the products
+// v[t,p] = g[r,p]·u[j,p] in bf16, so a pair of consecutive values is one 32-bit broadcast.
+template <int RB, int NB>
+inline void accumulate_pairs(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
+                             int64_t v_stride, float* dwq, int64_t dw_stride) {
+  __m512 acc[RB][NB];
+  for (int t = 0; t < RB; ++t)
+    for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_loadu_ps(dwq + t * dw_stride + k * 16);
+  for (int64_t p2 = 0; p2 < pairs; ++p2) {
+    __m512bh av[NB];
+    for (int k = 0; k < NB; ++k) av[k] = load_pairs(at2 + p2 * at_stride + k * 16);
+    for (int t = 0; t < RB; ++t) {
+      uint32_t bits;
+      std::memcpy(&bits, v + t * v_stride + 2 * p2, sizeof bits);
+      const __m512bh u = splat_pair(bits);
+      for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], u);
+    }
+  }
+  for (int t = 0; t < RB; ++t)
+    for (int k = 0; k < NB; ++k) _mm512_storeu_ps(dwq + t * dw_stride + k * 16, acc[t][k]);
+}
+
+// 12 rows × 2 vectors of bases = 24 accumulators (32 bases); single rows finish the GC·k² rows of other k.
+template <int NB>
+inline void accumulate_pair_rows(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
+                                 int64_t v_stride, int64_t rows, float* dwq, int64_t dw_stride) {
+  constexpr int RB = 12;
+  int64_t t = 0;
+  for (; t + RB <= rows; t += RB)
+    accumulate_pairs<RB, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
+  for (; t < rows; ++t)
+    accumulate_pairs<1, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
+}
+
+// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp holds the input in bf16
+// pairs of in-channels as the forward reads it (poff: its pair-tap offsets), dxp float32 planes of the same
+// stride (off: their tap offsets); gp is float32 holding bf16 values, w the bases rounded to bf16 as the forward
+// applied them; a2 (B, ⌈N/2⌉, Lo) holds the coefficient pairs of consecutive bases, at2 (B, Lo/2, Np) those of
+// consecutive positions (bases zero-padded to Np, a multiple of 16). grad_w's products grad_out·x are rounded to
+// bf16 before the sum; grad_x's are exact.
+template <int GC>
+void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, const uint32_t* a2,
+                   const uint32_t* at2, int64_t np, const float* gp, const float* w, float* dxp, float* dw,
+                   const Dims& d, bool accumulate, int threads) {
+  const int64_t G = d.groups(), N = d.nset, N2 = (N + 1) / 2, J = d.taps(), S = d.basis_size(), Lo = d.len;
+  const int64_t k2 = d.ksize * d.ksize;
+  const int64_t rows = GC * J, chunk = std::min(Lo, kChunk);
+  const int64_t vs = chunk + 32;  // one cache line longer than a row (see grad_x_w)
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<uint16_t> v(rows * vs);
+    Buffer<uint32_t> wp(J * GC * N2);
+    Buffer<float> dwq(rows * np);
+#pragma omp for schedule(dynamic)
+    for (int64_t q = 0; q < G; ++q) {
+      for (int64_t j = 0; j < J; ++j)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t n2 = 0; n2 < N2; ++n2) {
+            const float* wn = w + 2 * n2 * S + (q * GC + r) * J + j;
+            wp[(j * GC + r) * N2 + n2] = to_bf16(wn[0]) | (2 * n2 + 1 < N ? to_bf16(wn[S]) << 16 : 0u);
+          }
+      dwq.zero();
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
+        const float* g0 = gp + (b * d.channels + q * GC) * Lo;
+        float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+        scatter_pairs<GC>(a2 + b * N2 * Lo, N2, wp.data(), g0, off, dx0, Lo, J, accumulate);
+        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
+          const int64_t len = std::min(chunk, Lo - p0);
+          for (int64_t j = 0; j < J; ++j) {
+            const int64_t s = j / k2;  // in-channel s of tap j: the low (even s) or high half of its pair
+            const Bf16Pair* uj = x0 + poff[s / 2 * k2 + j % k2] + p0;
+            for (int64_t p = 0; p < len; p += 16) {
+              const __m512i pairs = _mm512_loadu_si512(uj + p);
+              const __m512 u = _mm512_castsi512_ps(s % 2 ? _mm512_and_si512(pairs, _mm512_set1_epi32(~0xffff))
+                                                         : _mm512_slli_epi32(pairs, 16));
+              for (int r = 0; r < GC; ++r)
+                store_bf16(v.data() + (r * J + j) * vs + p, _mm512_loadu_ps(g0 + r * Lo + p0 + p) * u);
+            }
+          }
+          const uint32_t* at = at2 + (b * Lo + p0) / 2 * np;
+          int64_t n = 0;
+          for (; n + 32 <= np; n += 32)
+            accumulate_pair_rows<2>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
+          for (; n < np; n += 16)
+            accumulate_pair_rows<1>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
+        }
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[(r * J + j) * np + n];
+    }
+  }
+}
+template <typename T, int GC> struct GradXWBf16 {
+  template <typename... A> static void run(A... args) { grad_x_w_bf16<GC>(args...); }
+};
 }  // namespace
 
 // xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
 extern "C" int kba_forward_bf16(const Bf16Pair* xp, const int64_t* off, const float* ap, const Bf16Pair* w,
-                                const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int threads) {
+                                const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
+                                int threads) {
   if (gc == 1) return -1;
-  return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, threads);
+  return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads);
 }
 extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const float* gp, const Bf16Pair* w,
                                  const float* bias, float* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
                                  int threads) {
   if (gc == 1) return -1;
   return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
+}
+// xp: pairs as in kba_forward_bf16 (poff their offsets), dxp: (B, C, chan_stride) float32 (off its offsets),
+// a2 and at2: coefficient pairs (see grad_x_w_bf16), gp: float32 of bf16 values, w: float32 bf16-rounded bases.
+extern "C" int kba_grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, const uint32_t* a2,
+                                 const uint32_t* at2, int64_t np, const float* gp, const float* w, float* dxp,
+                                 float* dw, KBA_DIMS_ARGS, int64_t accumulate, int threads) {
+  if (gc == 1) return -1;
+  return dispatch_gc<float, GradXWBf16>(gc, xp, poff, off, a2, at2, np, gp, w, dxp, dw, KBA_DIMS, accumulate != 0,
+                                        threads);
 }
 #endif

@@ -98,13 +98,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kba_isa.argtypes, lib.kba_isa.restype = [], i64
     if lib.kba_isa() & 2:
-        lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 8 + [i32]
+        lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
+        lib.kba_grad_x_w_bf16.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 8 + [i32]
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
     lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
     for suffix in ("f32", "f64"):
-        getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 8 + [i32]
+        getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         getattr(lib, f"kba_grad_att_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         getattr(lib, f"kba_grad_x_w_{suffix}").argtypes = [ptr] * 7 + [i64] * 8 + [i32]
         getattr(lib, f"kba_unfold_{suffix}").argtypes = [ptr] + [i64] * 9 + [ptr, i64, i32]
@@ -195,9 +196,9 @@ def _unpack(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_fo
 
 def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool) -> torch.Tensor:
     """``_pack`` of a float32 or bfloat16 image into float32 planes (B, C, plane), or with ``pairs`` into the bf16
-    pair planes of the bf16 kernels (B, C/2, plane) (see ``_Layout.pairs``)."""
+    pair planes of the bf16 kernels (B, ⌈C/2⌉, plane) (see ``_Layout.pairs``)."""
     b, c, h, w = image.shape
-    planes = torch.empty(b, c // 2 if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
+    planes = torch.empty(b, -(-c // 2) if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
     _lib().kba_pack_convert(image.data_ptr(), int(image.dtype == torch.bfloat16), int(pairs), b, c, h, w,
                             *image.stride(), planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -247,6 +248,11 @@ class _Layout:
             return _pack_converted(t, self.length, 0, self.row, pairs=False)
         return _pack(t, self.length, 0, self.row)
 
+    def pair_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, M, H, W) per-pixel values rounded to bf16 as (B, ⌈M/2⌉, length) pairs of consecutive channels (the
+        even one in the low half; an odd M pairs the last channel with zeros)."""
+        return _pack_converted(t, self.length, 0, self.row, pairs=True)
+
     def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None
                ) -> torch.Tensor:
         """The (B, M, H, W) pixels of a (B, M, length) tensor, as a new tensor in ``memory_format`` and ``dtype``
@@ -256,7 +262,7 @@ class _Layout:
         return _unpack(tp, 0, self.row, self.h, self.w, memory_format)
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        """The buffer the kernels read the taps from (float32 for a bfloat16 ``x``)."""
+        """The buffer the float kernels read the taps from (the bf16 kernels read ``pair_neighbourhoods``)."""
         raise NotImplementedError
 
     def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,8 +305,6 @@ class _PaddedRows(_Layout):
         self.offsets = (torch.arange(self.gc)[:, None] * self.chan_stride + taps[None, :]).flatten()
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16:
-            return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=False)
         return _pack(x, self.chan_stride, self.base, self.row)
 
     def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
@@ -367,6 +371,14 @@ def _pair_bases(weight: torch.Tensor, channels: int, gc: int, k: int) -> torch.T
     return out
 
 
+def _position_pairs(ap: torch.Tensor) -> torch.Tensor:
+    """Coefficients (B, N, length) of bf16 values as (B, length/2, Np) pairs of consecutive positions (the even one
+    in the low half), the bases zero-padded to Np, a multiple of 16 (one vector of the bf16 kernels)."""
+    b, n, length = ap.shape
+    pairs = ap.view(b, n, length // 2, 2).to(torch.bfloat16).view(torch.int32).squeeze(-1)
+    return torch.nn.functional.pad(pairs.transpose(1, 2), (0, -n % 16)).contiguous()
+
+
 MACS_PER_THREAD = 2**22
 """Work below which one more thread costs more in start-up and barrier than it saves."""
 
@@ -391,15 +403,10 @@ POSITIONS_PER_TASK = 1024
 """Positions of one plane per task: enough to reuse a group's bases from cache, few enough to balance threads."""
 
 
-def _parts(lay: _Layout, planes: int) -> int:
-    """Position ranges per plane: a few tasks per thread, none too long."""
-    want = max(-(-lay.length // POSITIONS_PER_TASK), -(-4 * torch.get_num_threads() // planes))
-    return max(1, min(want, lay.length // lay.align))
-
-
 def _split_groups(lay: _Layout, groups: int) -> tuple[int, int]:
-    """(position ranges, group blocks) of the grad_att tasks. Its sum runs over the groups, so they are split into
-    blocks (each with its own partial sum) only when the positions alone give too few tasks."""
+    """(position ranges, group blocks) of the forward and grad_att tasks. A task runs the groups of its block one
+    after the other on the same positions, whose coefficients (forward) or partial sums (grad_att, one per block)
+    then stay in cache, so the groups are split into blocks only when the positions alone give too few tasks."""
     parts = max(1, -(-lay.length // POSITIONS_PER_TASK))
     return parts, min(groups, max(1, -(-4 * torch.get_num_threads() // (lay.b * parts))))
 
@@ -416,13 +423,13 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
         out = torch.empty(lay.b, lay.c, lay.length)
         _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
-              _parts(lay, lay.b * groups))
+              *_split_groups(lay, groups))
         del xp, ap
         return lay.pixels(out, _memory_format(x), torch.bfloat16)
     xp, ap = lay.neighbourhoods(x), lay.positions(att)
     out = x.new_empty(lay.b, lay.c, lay.length)
     _call("kba_forward", lay, nset, x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
-          *lay.dims(nset), _parts(lay, lay.b * groups))
+          *lay.dims(nset), *_split_groups(lay, groups))
     del xp, ap  # before the result is allocated: lower peak memory on large images
     return lay.pixels(out, _memory_format(x))
 
@@ -432,33 +439,41 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     """Gradients of KBA w.r.t. x, att, weight and bias, recomputing everything from the inputs, each in the dtype
     of its input.
 
-    With bfloat16 ``x`` and ``att``, grad_att (the same basis application as the forward) runs in the bf16
-    kernels; grad_x and grad_w, sums over the bases and positions, run in float32 on the bf16 values and the
-    bf16-rounded bases the forward applied, so the weight and bias gradients are accumulated in float32."""
+    With bfloat16 ``x`` and ``att`` every gradient runs in the bf16 kernels on the bf16-rounded bases the forward
+    applied, with float32 sums: grad_att as the forward, grad_x as a sum of exact products (coefficient × basis,
+    then grad_out in float32), grad_w over products grad_out·x rounded to bf16. The weight and bias gradients are
+    accumulated and returned in float32."""
     _check_supported(x, groups)
     lay = _layout(x, kernel_size, groups)
     nset = att.shape[1]
     dtypes = (x.dtype, att.dtype, weight.dtype, bias.dtype)
     bf16 = x.dtype == torch.bfloat16
-    xp, ap, gp = lay.neighbourhoods(x), lay.positions(att), lay.positions(grad_out)
-    bias = bias.to(xp.dtype).contiguous()
+    ap, gp = lay.positions(att), lay.positions(grad_out)
+    bias = bias.to(ap.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
-    datt = xp.new_zeros(qblocks, lay.b, nset, lay.length)
-    if bf16:
-        _call("kba_grad_att", lay, nset, torch.bfloat16, lay.pair_neighbourhoods(x), lay.pair_offsets(), gp,
+    datt = ap.new_zeros(qblocks, lay.b, nset, lay.length)
+    if bf16:  # one buffer of x for both kernels: the bf16 pairs the forward read
+        xp, offsets = lay.pair_neighbourhoods(x), lay.pair_offsets()
+        _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias, datt, *lay.dims(nset), parts, qblocks)
         weight = weight.to(torch.bfloat16).float()
     else:
-        weight = weight.contiguous()
+        xp, weight = lay.neighbourhoods(x), weight.contiguous()
         _call("kba_grad_att", lay, nset, x.dtype, xp, lay.offsets, gp, weight, bias, datt, *lay.dims(nset), parts,
               qblocks)
     grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att), att.dtype)
 
-    dxp = torch.zeros_like(xp) if lay.accumulates else torch.empty_like(xp)
+    dxp = (ap.new_zeros if lay.accumulates else ap.new_empty)(lay.b, lay.c, lay.chan_stride)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
-    _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight, *lay.dims(nset),
-          int(lay.accumulates))
+    if bf16:
+        position_pairs = _position_pairs(ap)
+        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, offsets, lay.offsets, lay.pair_positions(att),
+              position_pairs, position_pairs.shape[-1], gp, weight, dxp, grad_weight, *lay.dims(nset),
+              int(lay.accumulates))
+    else:
+        _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight,
+              *lay.dims(nset), int(lay.accumulates))
     grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
     del xp, ap, gp
     grads = (lay.input_grad(dxp, _memory_format(x), x.dtype), grad_att, grad_weight, grad_bias)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kbnet.ops import kba, native
 from tests.helpers import ROOT
@@ -28,46 +29,63 @@ def rounded_from(rounded: torch.Tensor, exact: torch.Tensor) -> bool:
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def bf16_case(b, c, h, w, nset, groups, seed=0):
+def bf16_case(b, c, h, w, nset, groups, seed=0, k=3):
     """Inputs whose values are exact in bf16, so the bf16 and float32 kernels see the same numbers."""
     gen = torch.Generator().manual_seed(seed)
     gc = c // groups
     tensors = [torch.randn(b, c, h, w, generator=gen), torch.randn(b, nset, h, w, generator=gen),
-               torch.randn(1, nset, c * gc * 9, generator=gen) * 0.1, torch.randn(1, nset, c, generator=gen)]
+               torch.randn(1, nset, c * gc * k * k, generator=gen) * 0.1, torch.randn(1, nset, c, generator=gen)]
     grad = torch.randn(b, c, h, w, generator=gen)
     return [t.bfloat16().float() for t in tensors], grad.bfloat16().float()
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["as-used", "split-tasks"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-@pytest.mark.parametrize("b, c, h, w, nset, groups", [
-    (2, 16, 9, 21, 8, 4),  # 4 channels per group (KBNet_s), padded rows, an odd nset remainder for gc 4
-    (1, 12, 11, 17, 5, 6),  # 2 channels per group (KBNet_l), odd nset
-    (1, 16, 6, 7, 4, 2),  # 8 channels per group, narrow: columns
+@pytest.mark.parametrize("b, c, h, w, nset, groups, k", [
+    (2, 16, 9, 21, 8, 4, 3),  # 4 channels per group (KBNet_s), padded rows, an odd nset remainder for gc 4
+    (1, 12, 11, 17, 5, 6, 3),  # 2 channels per group (KBNet_l), odd nset
+    (1, 16, 6, 7, 4, 2, 3),  # 8 channels per group, narrow: columns
+    (1, 8, 8, 10, 32, 4, 3),  # 32 bases: grad_w's blocks of two vectors of bases
+    (1, 4, 7, 12, 3, 2, 5),  # 5×5 kernels: single rows after grad_w's blocks of 12
 ])
-def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups):
+def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups, k):
     """Same numbers in, float32 sums inside: the bf16 path differs from the float32 one only by summation order and
-    the final rounding of its bf16 results; the bases' gradients are float32 and agree to float32 precision."""
+    the final rounding of its bf16 results, except for the bases' gradient (float32), whose products grad_out·x are
+    rounded to bf16: it agrees to float32 precision with that sum and to bf16 precision with the float32 path."""
     require_bf16()
     if split:
         monkeypatch.setattr(native, "POSITIONS_PER_TASK", 16)
         monkeypatch.setattr(native, "MACS_PER_THREAD", 1)
         torch.set_num_threads(2)
-    (x, att, weight, bias), grad = bf16_case(b, c, h, w, nset, groups)
+    (x, att, weight, bias), grad = bf16_case(b, c, h, w, nset, groups, k=k)
     if channels_last:
         x, att = x.contiguous(memory_format=torch.channels_last), att.contiguous(memory_format=torch.channels_last)
-    out32 = native.forward(x, att, weight, bias, 3, groups)
-    grads32 = native.backward(x, att, weight, bias, grad, 3, groups)
-    out16 = native.forward(x.bfloat16(), att.bfloat16(), weight, bias, 3, groups)
-    grads16 = native.backward(x.bfloat16(), att.bfloat16(), weight, bias, grad.bfloat16(), 3, groups)
+    out32 = native.forward(x, att, weight, bias, k, groups)
+    grads32 = native.backward(x, att, weight, bias, grad, k, groups)
+    out16 = native.forward(x.bfloat16(), att.bfloat16(), weight, bias, k, groups)
+    grads16 = native.backward(x.bfloat16(), att.bfloat16(), weight, bias, grad.bfloat16(), k, groups)
     assert out16.dtype == torch.bfloat16
     assert out16.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert rounded_from(out16, out32)
     for name, g16, g32 in zip(("x", "att", "weight", "bias"), grads16, grads32, strict=True):
         if name in ("x", "att"):
             assert g16.dtype == torch.bfloat16 and rounded_from(g16, g32), name
+        elif name == "weight":
+            assert g16.dtype == torch.float32
+            assert relative_error(g16, weight_grad_of_rounded_products(x, att, grad, groups, k)) < 1e-6
+            assert relative_error(g16, g32) < BF16_ROUNDING
         else:
             assert g16.dtype == torch.float32 and relative_error(g16, g32) < 1e-6, name
+
+
+def weight_grad_of_rounded_products(x, att, grad, groups, k=3):
+    """The bases' gradient Σ_p a·bf16(grad_out·u) in float64: the sum the bf16 kernels compute in float32."""
+    b, c, h, w = x.shape
+    gc, nset = c // groups, att.shape[1]
+    taps = F.unfold(x, k, padding=k // 2).view(b, groups, 1, gc * k * k, h * w)
+    products = (grad.view(b, groups, gc, 1, h * w) * taps).bfloat16().double()  # exact in float32, then rounded
+    grad_w = torch.einsum("bnp,bqrjp->nqrj", att.flatten(2).double(), products)
+    return grad_w.reshape(1, nset, c * gc * k * k)
 
 
 def test_bf16_autocast_computes_in_bf16_and_returns_float32_gradients():
