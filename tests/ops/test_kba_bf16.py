@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kbnet.ops import kba, native
 from tests.helpers import ROOT
-from tests.helpers.kba import require_bf16
+from tests.helpers.kba import require_bf16, require_native
 from tests.helpers.reference import relative_error
 
 BF16_ROUNDING = 2.0**-8
@@ -114,8 +114,7 @@ def test_bf16_autocast_computes_in_bf16_and_returns_float32_gradients():
 
 def test_without_bf16_kernels_autocast_computes_in_float32(monkeypatch):
     """A CPU without AVX512_BF16: bf16 autocast casts around float32 kernels, and bf16 tensors are not native."""
-    if not native.available():
-        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    require_native()
     monkeypatch.setattr(native, "instruction_sets", lambda: ("AVX2",))
     assert native.native_dtypes() == (torch.float32, torch.float64)
     assert native.compute_dtype(torch.bfloat16) == torch.float32
@@ -136,7 +135,6 @@ def test_bf16_needs_an_even_group_size():
 AVX2_SCRIPT = """
 import json, sys, torch
 from kbnet.ops import native
-from tests.helpers import ROOT
 torch.manual_seed(0)
 inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
           torch.randn(1, 8, 16)]
@@ -149,8 +147,7 @@ print(json.dumps({"isa": native.instruction_sets(), "dtypes": [str(d) for d in n
 
 def test_the_avx2_build_compiles_and_matches(tmp_path):
     """The kernels built for an AVX2 CPU (``-march=haswell``, into a separate cache) give this machine's results."""
-    if not native.available():
-        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    require_native()
     env = {**os.environ, native.MARCH_ENV: "haswell", "KBNET_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", AVX2_SCRIPT, str(tmp_path / "avx2.pt")], env=env, cwd=ROOT,

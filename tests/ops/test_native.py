@@ -7,6 +7,7 @@ import torch
 
 import kbnet.ops.kernel_basis as kba_module
 from kbnet.ops import kba, native
+from tests.helpers.kba import require_native
 
 
 @pytest.fixture
@@ -82,8 +83,7 @@ def test_supports_names_what_it_needs():
 
 @pytest.fixture
 def lib():
-    if not native.available():
-        pytest.skip(f"native KBA kernels unavailable: {native.unavailable_reason()}")
+    require_native()
 
 
 @pytest.mark.parametrize("width, layout", [(7, "_Columns"), (8, "_PaddedRows"), (40, "_PaddedRows")])
