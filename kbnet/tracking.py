@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from kbnet.models.summary import count_macs, count_parameters
+from kbnet.models.summary import model_size
 from kbnet.rundir import write_text
 from kbnet.sweep import current_sweep_job
 
@@ -90,13 +90,13 @@ def evaluation_wandb_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_summary(cfg: DictConfig) -> dict[str, float]:
-    """Parameters and MACs of the configured backbone, counted on the meta device (no memory, no compute)."""
+    """Parameters and MACs of the configured backbone (``kbnet.models.summary.model_size``, on the meta device: no
+    memory, no compute), under the names the wandb summary shows."""
     with torch.device("meta"):
         meta_net = instantiate(cfg.model)
-    shape = (cfg.task.channels, SUMMARY_SIZE, SUMMARY_SIZE)
-    return {"model/parameters_M": count_parameters(meta_net) / 1e6,
-            "model/gmacs": count_macs(meta_net, shape) / 1e9,
-            "model/gmacs_with_matmul": count_macs(meta_net, shape, include_matmul=True) / 1e9}
+    size = model_size(meta_net, (cfg.task.channels, SUMMARY_SIZE, SUMMARY_SIZE))
+    return {"model/parameters_M": size["params_M"], "model/gmacs": size["conv_GMACs"],
+            "model/gmacs_with_matmul": size["full_GMACs"]}
 
 
 def describe_model(name: str, summary: Mapping[str, float]) -> str:

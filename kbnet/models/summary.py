@@ -18,6 +18,7 @@ from torch import nn
 
 from kbnet.cli import user_errors
 from kbnet.errors import ConfigError
+from kbnet.markdown import markdown_table
 from kbnet.models.kbnet_l import TransAttention
 from kbnet.models.layers import KernelBasisAttention
 from kbnet.models.registry import PRESETS, create_model, list_models
@@ -67,30 +68,30 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], include_matmul: boo
     return total
 
 
+def model_size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
+    """Parameters (millions) and GMACs of ``model`` for one ``input_shape`` (C, H, W) image: convolutions only, the
+    paper's convention, and with the KBA and attention matrix products. Build ``model`` on the meta device."""
+    return {"params_M": count_parameters(model) / 1e6,
+            "conv_GMACs": count_macs(model, input_shape) / 1e9,
+            "full_GMACs": count_macs(model, input_shape, include_matmul=True) / 1e9}
+
+
 def summary_rows(names: Sequence[str], size: int) -> list[dict[str, object]]:
     rows = []
     for name in names:
         with torch.device("meta"):
             model = create_model(name)
         channels = model.intro.in_channels if hasattr(model, "intro") else model.patch_embed.proj.in_channels
-        shape = (channels, size, size)
-        rows.append({
-            "model": name,
-            "params_M": count_parameters(model) / 1e6,
-            "conv_GMACs": count_macs(model, shape) / 1e9,
-            "full_GMACs": count_macs(model, shape, include_matmul=True) / 1e9,
-            "description": PRESETS[name].description,
-        })
+        rows.append({"model": name, **model_size(model, (channels, size, size)),
+                     "description": PRESETS[name].description})
     return rows
 
 
 def format_table(rows: list[dict[str, object]], size: int) -> str:
-    lines = [f"| model | params (M) | MACs at {size}², convs only (G) — paper convention | "
-             f"MACs incl. KBA + attention matmuls (G) | use |",
-             "|---|---:|---:|---:|---|"]
-    lines += [f"| {r['model']} | {r['params_M']:.2f} | {r['conv_GMACs']:.2f} | {r['full_GMACs']:.2f} | "
-              f"{r['description']} |" for r in rows]
-    return "\n".join(lines)
+    header = ["model", "params (M)", f"MACs at {size}², convs only (G) — paper convention",
+              "MACs incl. KBA + attention matmuls (G)", "use"]
+    return markdown_table(header, [[r["model"], f"{r['params_M']:.2f}", f"{r['conv_GMACs']:.2f}",
+                                    f"{r['full_GMACs']:.2f}", r["description"]] for r in rows])
 
 
 @user_errors

@@ -203,7 +203,8 @@ def test_official_constants_are_exposed():
     ("kbnet_l", 29.57, 107.69, 210.20),
 ])
 def test_counts_match_the_paper(name, params_m, conv_g, full_g):
-    """Spec §1.5: parameters and MACs at 256², conv-only (paper convention) and with the matmuls."""
+    """The published parameter and MAC counts at 256²: convolutions only (the paper's convention) and with the
+    KBA and attention matrix products."""
     with torch.device("meta"):
         model = create_model(name)
     assert round(count_parameters(model) / 1e6, 2) == params_m
