@@ -25,6 +25,12 @@
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#endif
 
 namespace {
 
@@ -443,6 +449,40 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
   }
 }
 
+// bf16 <-> float32 conversions of the bf16 path's layout copies (bf16 is the upper half of a float32).
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline uint32_t to_bf16(float f) {  // round to nearest even; NaNs stay NaN (a select, so loops vectorise)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
+}
+
+// Element conversions between an image of I and planes of P: identity, or bf16 bits (uint16_t) <-> float32.
+template <typename P> inline P to_plane(P v) { return v; }
+inline float to_plane(uint16_t v) { return to_float(v); }
+template <typename I, typename P> inline I to_image(P v) {
+  if constexpr (std::is_same<I, P>::value) return v;
+  else return static_cast<I>(to_bf16(v));
+}
+template <typename P, typename I> inline Tile<P> load_image_tile(const I* p) {
+  if constexpr (std::is_same<I, P>::value) return load_tile(p);
+  Tile<P> v;
+  for (int e = 0; e < kTileLanes<P>; ++e) v[e] = to_plane(p[e]);
+  return v;
+}
+template <typename I, typename P> inline void store_image_tile(I* p, Tile<P> v) {
+  if constexpr (std::is_same<I, P>::value) store_tile(p, v);
+  else
+    for (int e = 0; e < kTileLanes<P>; ++e) p[e] = to_image<I>(v[e]);
+}
+
 // Layout changes between an image (B, C, H, W) with arbitrary strides (NCHW or channels-last) and the kernels'
 // flat planes (B, C, plane): pixel (y, x) sits at base + y·row + x. Positions without a pixel are zero after
 // pack. Channels-last images are transposed in lanes×lanes register tiles (torch's transposing copy is several
@@ -453,15 +493,15 @@ struct Image {
 
 
 // One image row <-> one row of every plane.
-template <typename T, bool ToPlanes>
-inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t base, int64_t row, int64_t b,
+template <typename P, typename I, bool ToPlanes>
+inline void copy_row(I* img, const Image& im, P* planes, int64_t plane, int64_t base, int64_t row, int64_t b,
                      int64_t y) {
-  constexpr int V = kTileLanes<T>;
-  T* src = img + b * im.sb + y * im.sh;
-  T* dst = planes + b * im.channels * plane + base + y * row;
+  constexpr int V = kTileLanes<P>;
+  I* src = img + b * im.sb + y * im.sh;
+  P* dst = planes + b * im.channels * plane + base + y * row;
   auto scalar = [&](int64_t c, int64_t x) {
-    if (ToPlanes) dst[c * plane + x] = src[c * im.sc + x * im.sw];
-    else src[c * im.sc + x * im.sw] = dst[c * plane + x];
+    if (ToPlanes) dst[c * plane + x] = to_plane(src[c * im.sc + x * im.sw]);
+    else src[c * im.sc + x * im.sw] = to_image<I>(dst[c * plane + x]);
   };
   if (im.sc != 1) {
     for (int64_t c = 0; c < im.channels; ++c)
@@ -471,45 +511,47 @@ inline void copy_row(T* img, const Image& im, T* planes, int64_t plane, int64_t 
   const int64_t cv = im.channels / V * V, xv = im.width / V * V;
   for (int64_t c0 = 0; c0 < cv; c0 += V)
     for (int64_t x0 = 0; x0 < xv; x0 += V) {
-      Tile<T> r[V];
+      Tile<P> r[V];
       for (int i = 0; i < V; ++i)
-        r[i] = ToPlanes ? load_tile(src + (x0 + i) * im.sw + c0) : load_tile(dst + (c0 + i) * plane + x0);
-      Transpose<T>::run(r);
+        r[i] = ToPlanes ? load_image_tile<P>(src + (x0 + i) * im.sw + c0) : load_tile(dst + (c0 + i) * plane + x0);
+      Transpose<P>::run(r);
       for (int i = 0; i < V; ++i) {
         if (ToPlanes) store_tile(dst + (c0 + i) * plane + x0, r[i]);
-        else store_tile(src + (x0 + i) * im.sw + c0, r[i]);
+        else store_image_tile<I, P>(src + (x0 + i) * im.sw + c0, r[i]);
       }
     }
   for (int64_t c = 0; c < im.channels; ++c)
     for (int64_t x = c < cv ? xv : 0; x < im.width; ++x) scalar(c, x);
 }
 
-template <typename T>
-void pack(const T* img, Image im, T* planes, int64_t plane, int64_t base, int64_t row, int threads) {
+// Planes of P from an image of I (the same type, or bf16 bits into float32 planes).
+template <typename P, typename I>
+void pack(const I* img, Image im, P* planes, int64_t plane, int64_t base, int64_t row, int threads) {
   const int64_t last = base + (im.height - 1) * row + im.width;  // one past the last pixel
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t t = 0; t < im.batch * im.height; ++t) {
       const int64_t b = t / im.height, y = t % im.height;
-      copy_row<T, true>(const_cast<T*>(img), im, planes, plane, base, row, b, y);
+      copy_row<P, I, true>(const_cast<I*>(img), im, planes, plane, base, row, b, y);
       if (y + 1 < im.height)
         for (int64_t c = 0; c < im.channels; ++c)
-          std::fill_n(planes + (b * im.channels + c) * plane + base + y * row + im.width, row - im.width, T(0));
+          std::fill_n(planes + (b * im.channels + c) * plane + base + y * row + im.width, row - im.width, P(0));
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < im.batch * im.channels; ++t) {
-      std::fill_n(planes + t * plane, base, T(0));
-      std::fill_n(planes + t * plane + last, plane - last, T(0));
+      std::fill_n(planes + t * plane, base, P(0));
+      std::fill_n(planes + t * plane + last, plane - last, P(0));
     }
   }
 }
 
-template <typename T>
-void unpack(const T* planes, int64_t plane, int64_t base, int64_t row, T* img, Image im, int threads) {
+// An image of I from planes of P (the same type, or float32 planes rounded to bf16 bits, nearest even).
+template <typename P, typename I>
+void unpack(const P* planes, int64_t plane, int64_t base, int64_t row, I* img, Image im, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < im.batch * im.height; ++t)
-    copy_row<T, false>(img, im, const_cast<T*>(planes), plane, base, row, t / im.height, t % im.height);
+    copy_row<P, I, false>(img, im, const_cast<P*>(planes), plane, base, row, t / im.height, t % im.height);
 }
 
 // Columns (B, C, k, k, len) of an image with arbitrary strides: column (ky, kx) holds, at y·W + x, the pixel
@@ -562,34 +604,17 @@ void fold_columns(const T* cols, int64_t len, int64_t k, T* img, Image im, int t
   }
 }
 
-// bf16 <-> float32 conversions of the bf16 path's layout copies (bf16 is the upper half of a float32).
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  const uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline uint32_t to_bf16(float f) {  // round to nearest even; NaNs stay NaN (a select, so loops vectorise)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
-}
-
-// pack for the bf16 path from an image of S (float or bf16 bits): float32 planes (Pairs false, one channel per
-// plane) or bf16 pair planes (Pairs true, channels 2·c2 and 2·c2 + 1 in one 32-bit value, see Bf16Pair). Pixel
-// (y, x) at base + y·row + x, zero elsewhere. An odd channel count pairs the last channel with zeros.
-template <typename S, bool Pairs>
-void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t base, int64_t row, int threads) {
-  const int64_t per = Pairs ? 2 : 1, pc = (im.channels + per - 1) / per;
+// bf16 pair planes of an image of S (float or bf16 bits): channels 2·c2 and 2·c2 + 1 in one 32-bit value (see
+// Bf16Pair), pixel (y, x) at base + y·row + x, zero elsewhere. An odd channel count pairs the last channel with
+// zeros. (A channels-last bf16 image already holds these pairs: native.py packs it as 32-bit values instead.)
+template <typename S>
+void pack_pairs(const S* img, Image im, uint32_t* planes, int64_t plane, int64_t base, int64_t row, int threads) {
+  const int64_t pc = (im.channels + 1) / 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < im.batch * pc; ++t) {
-    const int64_t b = t / pc, c = t % pc * per;
-    float* pf = static_cast<float*>(planes) + t * plane;
-    uint32_t* pp = static_cast<uint32_t*>(planes) + t * plane;
-    if (Pairs) std::fill_n(pp, plane, 0u);
-    else std::fill_n(pf, plane, 0.0f);
+    const int64_t b = t / pc, c = t % pc * 2;
+    uint32_t* pp = planes + t * plane;
+    std::fill_n(pp, plane, 0u);
     // The odd channel's offset and mask (a select on a loop invariant, so the loop still vectorises).
     const int64_t odd = c + 1 < im.channels ? im.sc : 0;
     const uint32_t odd_mask = c + 1 < im.channels ? ~0u : 0u;
@@ -597,11 +622,8 @@ void pack_converted(const S* img, Image im, void* planes, int64_t plane, int64_t
       const S* src = img + b * im.sb + c * im.sc + y * im.sh;
       const int64_t o = base + y * row;
       auto copy = [&](int64_t sw) {
-        for (int64_t x = 0; x < im.width; ++x) {
-          if (Pairs)
-            pp[o + x] = to_bf16(to_float(src[x * sw])) | (to_bf16(to_float(src[odd + x * sw])) << 16 & odd_mask);
-          else pf[o + x] = to_float(src[x * sw]);
-        }
+        for (int64_t x = 0; x < im.width; ++x)
+          pp[o + x] = to_bf16(to_float(src[x * sw])) | (to_bf16(to_float(src[odd + x * sw])) << 16 & odd_mask);
       };
       if (im.sw == 1) copy(1);  // a constant stride: the loop vectorises
       else copy(im.sw);
@@ -617,20 +639,6 @@ template <typename S> void pair_bases(const S* w, int64_t rows, int64_t gc, int6
         const S* src = w + (nc * gc + 2 * s2) * k2 + t;
         out[(nc * gc / 2 + s2) * k2 + t] = to_bf16(to_float(src[0])) | to_bf16(to_float(src[k2])) << 16;
       }
-}
-
-// unpack of float32 planes into a bf16 image of any strides, rounding to nearest even.
-void unpack_bf16(const float* planes, int64_t plane, int64_t base, int64_t row, uint16_t* img, Image im,
-                 int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < im.batch * im.channels; ++t) {
-    const int64_t b = t / im.channels, c = t % im.channels;
-    for (int64_t y = 0; y < im.height; ++y) {
-      const float* src = planes + t * plane + base + y * row;
-      uint16_t* dst = img + b * im.sb + c * im.sc + y * im.sh;
-      for (int64_t x = 0; x < im.width; ++x) dst[x * im.sw] = static_cast<uint16_t>(to_bf16(src[x]));
-    }
-  }
 }
 
 template <typename T, template <typename, int> class F, typename... A>
@@ -676,7 +684,7 @@ template <typename T, int GC> struct GradXW {
   extern "C" void kba_pack_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,     \
                                     int64_t sb, int64_t sc, int64_t sh, int64_t sw, T* planes, int64_t plane,        \
                                     int64_t base, int64_t row, int threads) {                                        \
-    pack<T>(img, Image{batch, channels, height, width, sb, sc, sh, sw}, planes, plane, base, row, threads);          \
+    pack<T, T>(img, Image{batch, channels, height, width, sb, sc, sh, sw}, planes, plane, base, row, threads);          \
   }                                                                                                                  \
   extern "C" void kba_unfold_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,   \
                                       int64_t sb, int64_t sc, int64_t sh, int64_t sw, int64_t k, T* cols,            \
@@ -691,7 +699,7 @@ template <typename T, int GC> struct GradXW {
   extern "C" void kba_unpack_##SUFFIX(const T* planes, int64_t plane, int64_t base, int64_t row, T* img,             \
                                       int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t sb,    \
                                       int64_t sc, int64_t sh, int64_t sw, int threads) {                             \
-    unpack<T>(planes, plane, base, row, img, Image{batch, channels, height, width, sb, sc, sh, sw}, threads);        \
+    unpack<T, T>(planes, plane, base, row, img, Image{batch, channels, height, width, sb, sc, sh, sw}, threads);        \
   }
 
 KBA_ENTRY_POINTS(float, f32)
@@ -709,16 +717,18 @@ extern "C" int64_t kba_isa() {
 #define KBA_IMAGE_ARGS int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t sb, int64_t sc, \
                        int64_t sh, int64_t sw
 #define KBA_IMAGE Image{batch, channels, height, width, sb, sc, sh, sw}
-// The bf16 path's layout copies: `bf16` says whether the image holds bf16 (else float32); `pairs` whether the
-// planes are bf16 pairs (else float32).
+// The bf16 path's layout copies from an image of bf16 bits (`bf16`) or float32: into bf16 pair planes (`pairs`) or
+// float32 planes, and float32 planes into a bf16 image.
 extern "C" void kba_pack_convert(const void* img, int64_t bf16, int64_t pairs, KBA_IMAGE_ARGS, void* planes,
                                  int64_t plane, int64_t base, int64_t row, int threads) {
   const auto* h = static_cast<const uint16_t*>(img);
   const auto* f = static_cast<const float*>(img);
-  if (bf16 && pairs) pack_converted<uint16_t, true>(h, KBA_IMAGE, planes, plane, base, row, threads);
-  else if (bf16) pack_converted<uint16_t, false>(h, KBA_IMAGE, planes, plane, base, row, threads);
-  else if (pairs) pack_converted<float, true>(f, KBA_IMAGE, planes, plane, base, row, threads);
-  else pack_converted<float, false>(f, KBA_IMAGE, planes, plane, base, row, threads);
+  auto* pp = static_cast<uint32_t*>(planes);
+  auto* fp = static_cast<float*>(planes);
+  if (bf16 && pairs) pack_pairs(h, KBA_IMAGE, pp, plane, base, row, threads);
+  else if (bf16) pack<float, uint16_t>(h, KBA_IMAGE, fp, plane, base, row, threads);
+  else if (pairs) pack_pairs(f, KBA_IMAGE, pp, plane, base, row, threads);
+  else pack<float, float>(f, KBA_IMAGE, fp, plane, base, row, threads);
 }
 extern "C" void kba_pair_bases(const void* w, int64_t bf16, int64_t rows, int64_t gc, int64_t k2, uint32_t* out) {
   if (bf16) pair_bases(static_cast<const uint16_t*>(w), rows, gc, k2, out);
@@ -726,7 +736,7 @@ extern "C" void kba_pair_bases(const void* w, int64_t bf16, int64_t rows, int64_
 }
 extern "C" void kba_unpack_to_bf16(const float* planes, int64_t plane, int64_t base, int64_t row, uint16_t* img,
                                    KBA_IMAGE_ARGS, int threads) {
-  unpack_bf16(planes, plane, base, row, img, KBA_IMAGE, threads);
+  unpack<float, uint16_t>(planes, plane, base, row, img, KBA_IMAGE, threads);
 }
 
 #ifdef __AVX512BF16__
@@ -888,6 +898,191 @@ void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, 
 template <typename T, int GC> struct GradXWBf16 {
   template <typename... A> static void run(A... args) { grad_x_w_bf16<GC>(args...); }
 };
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX tiles (Sapphire Rapids and later) for the bf16 forward and grad_att: per channel group and block of 16
+// positions, the basis application is one tile matrix product
+//     T[(n,r), p] = bias[n,r] + Σ_j2 W[n,r,j2] · u[j2,p]      (rows (n,r) = n·gc + r, K = the pair-taps j2)
+// A = the bases (16 rows × 16 pairs per tile, packed once per call, the bias appended as three bf16 parts that
+// sum to it exactly, against rows of ones in B), B = the block's neighbourhood in pairs (16 pair-taps × 16
+// positions: the VNNI layout the tile product wants, which the pair planes already have, staged row by row),
+// C = 16 rows (n,r) × 16 positions in float32. The mixing with the coefficients (forward) or grad_out (grad_att)
+// then runs on the stored C tiles with AVX-512, as in the kernels above. Tiles: C 0-3, A 4-5, B 6-7.
+constexpr int kTileRows = 16;   // rows of every tile, positions per block, columns of a C tile
+constexpr int kTileWords = 16;  // 32-bit values (bf16 pairs or floats) per tile row: 64 bytes
+constexpr int kTileSize = kTileRows * kTileWords;
+constexpr int kMaxKTiles = 2;   // B tiles held per block (tiles 6 and 7)
+constexpr int kCTiles = 4;      // C tiles in flight: enough to hide the tile product's latency
+constexpr uint32_t kOnes = 0x3f803f80u, kOneLow = 0x3f80u;  // bf16 pairs (1, 1) and (1, 0)
+
+// Linux hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+std::atomic<bool> amx_enabled{true};
+
+int64_t amx_k_tiles(const Dims& d) { return (d.taps() / 2 + 2 + kTileWords - 1) / kTileWords; }
+
+// Tile products for KBNet's group sizes (2 and 4 channels) where the pair-taps and the bias fit two B tiles.
+bool amx_handles(const Dims& d) {
+  return amx_enabled && (d.gc == 2 || d.gc == 4) && amx_k_tiles(d) <= kMaxKTiles && amx_permitted();
+}
+
+// Eight tiles of 16 rows × 64 bytes on this thread for the scope's lifetime, released after (so the kernel
+// saves no tile state on a context switch).
+class TileScope {
+ public:
+  TileScope() {
+    struct {
+      uint8_t palette, start_row, reserved[14];
+      uint16_t colsb[16];
+      uint8_t rows[16];
+    } config{};
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = kTileRows;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+// bf16 pairs holding v's three bf16 parts (hi, mid) and (lo, 0): hi + mid + lo = v exactly for normal floats.
+inline void split_in_three(float v, uint32_t& hi_mid, uint32_t& lo) {
+  const uint32_t hi = to_bf16(v);
+  const float r1 = v - to_float(static_cast<uint16_t>(hi));
+  const uint32_t mid = to_bf16(r1);
+  hi_mid = hi | mid << 16;
+  lo = to_bf16(r1 - to_float(static_cast<uint16_t>(mid)));
+}
+
+// The A tiles of every group into the zeroed `a`, (G, MT, KT, 16, 16) pairs: row R = n·gc + r of group q holds W[n, q·gc + r] (J2
+// pairs), then its bias in three parts, then zeros; rows past N·gc are zero.
+void pack_amx_bases(const Bf16Pair* w, const float* bias, const Dims& d, int64_t mt, int64_t kt, uint32_t* a) {
+  const int64_t G = d.groups(), J2 = d.taps() / 2, gc = d.gc;
+  for (int64_t q = 0; q < G; ++q)
+    for (int64_t R = 0; R < d.nset * gc; ++R) {
+      const int64_t n = R / gc, c = q * gc + R % gc;
+      uint32_t* row = a + (q * mt + R / kTileRows) * kt * kTileSize + R % kTileRows * kTileWords;
+      auto at = [&](int64_t j2) -> uint32_t& { return row[j2 / kTileWords * kTileSize + j2 % kTileWords]; };
+      for (int64_t j2 = 0; j2 < J2; ++j2) at(j2) = w[(n * d.channels + c) * J2 + j2].bits;
+      split_in_three(bias[n * d.channels + c], at(J2), at(J2 + 1));
+    }
+}
+
+// C tile c += A tile (a) · B tile b through A register t, for the literal tile numbers the instructions need.
+#define KBA_TILE_PRODUCT(c, t, b, a) \
+  do {                               \
+    _tile_loadd(t, a, 64);           \
+    _tile_dpbf16ps(c, t, b);         \
+  } while (0)
+
+// The C tiles m.. (cm of them) of one block: T for rows (m + c)·16.. against the staged B tiles.
+inline void block_products(const uint32_t* a, int64_t kt, int cm, float (*cbuf)[kTileSize]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t s = kt * kTileSize;  // from one A tile row block to the next
+  KBA_TILE_PRODUCT(0, 4, 6, a);
+  if (cm > 1) KBA_TILE_PRODUCT(1, 5, 6, a + s);
+  if (cm > 2) KBA_TILE_PRODUCT(2, 4, 6, a + 2 * s);
+  if (cm > 3) KBA_TILE_PRODUCT(3, 5, 6, a + 3 * s);
+  if (kt > 1) {
+    KBA_TILE_PRODUCT(0, 4, 7, a + kTileSize);
+    if (cm > 1) KBA_TILE_PRODUCT(1, 5, 7, a + s + kTileSize);
+    if (cm > 2) KBA_TILE_PRODUCT(2, 4, 7, a + 2 * s + kTileSize);
+    if (cm > 3) KBA_TILE_PRODUCT(3, 5, 7, a + 3 * s + kTileSize);
+  }
+  _tile_stored(0, cbuf[0], 64);
+  if (cm > 1) _tile_stored(1, cbuf[1], 64);
+  if (cm > 2) _tile_stored(2, cbuf[2], 64);
+  if (cm > 3) _tile_stored(3, cbuf[3], 64);
+}
+#undef KBA_TILE_PRODUCT
+
+// forward (Grad false): out[r,p] = Σ_n a[n,p] · T[(n,r),p]; grad_att (Grad true): dpart[n,p] += Σ_r g[r,p] ·
+// T[(n,r),p]. Arguments, tasks and layouts as in forward and grad_att; `a` holds the packed A tiles.
+template <int GC, bool Grad>
+void basis_tiles(const Bf16Pair* xp, const int64_t* off, const float* vp, const uint32_t* a, float* out,
+                 const Dims& d, int64_t parts, int64_t qblocks, int threads) {
+  const int64_t G = d.groups(), N = d.nset, J2 = d.taps() / 2, Lo = d.len, per_qblock = (G + qblocks - 1) / qblocks;
+  const int64_t kt = amx_k_tiles(d), mt = (N * GC + kTileRows - 1) / kTileRows;
+#pragma omp parallel num_threads(threads)
+  {
+    const TileScope tiles;
+    alignas(64) uint32_t stage[kMaxKTiles][kTileSize] = {};
+    alignas(64) float cbuf[kCTiles][kTileSize];
+    // the rows of ones against the bias parts; the rows past them stay zero
+    std::fill_n(&stage[J2 / kTileWords][J2 % kTileWords * kTileWords], kTileWords, kOnes);
+    std::fill_n(&stage[(J2 + 1) / kTileWords][(J2 + 1) % kTileWords * kTileWords], kTileWords, kOneLow);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < d.batch * parts * qblocks; ++t) {
+      const int64_t b = Grad ? t / parts % d.batch : t / (parts * qblocks);
+      const int64_t qb = Grad ? t / (d.batch * parts) : t % qblocks;
+      int64_t begin, end;
+      range_of<float>(Grad ? t % parts : t / qblocks % parts, parts, Lo, begin, end);
+      for (int64_t q = qb * per_qblock; q < std::min(G, (qb + 1) * per_qblock); ++q) {
+        const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
+        const uint32_t* aq = a + q * mt * kt * kTileSize;
+        for (int64_t p = begin; p < end; p += kTileRows) {
+          for (int64_t j2 = 0; j2 < J2; ++j2)
+            _mm512_store_si512(&stage[j2 / kTileWords][j2 % kTileWords * kTileWords],
+                               _mm512_loadu_si512(x0 + off[j2] + p));
+          _tile_loadd(6, stage[0], 64);
+          if (kt > 1) _tile_loadd(7, stage[1], 64);
+          __m512 v[GC], acc[GC];
+          for (int r = 0; r < GC; ++r) {
+            acc[r] = _mm512_setzero_ps();
+            v[r] = Grad ? _mm512_loadu_ps(vp + (b * d.channels + q * GC + r) * Lo + p) : acc[r];
+          }
+          float* d0 = out + ((qb * d.batch + b) * N) * Lo + p;
+          for (int64_t m = 0; m < mt; m += kCTiles) {
+            const int cm = static_cast<int>(std::min<int64_t>(kCTiles, mt - m));
+            block_products(aq + m * kt * kTileSize, kt, cm, cbuf);
+            for (int c = 0; c < cm; ++c)
+              for (int i = 0; i < kTileRows; i += GC) {
+                const int64_t n = ((m + c) * kTileRows + i) / GC;
+                if (n >= N) break;
+                if (Grad) {
+                  __m512 s = _mm512_mul_ps(_mm512_load_ps(cbuf[c] + i * kTileWords), v[0]);
+                  for (int r = 1; r < GC; ++r)
+                    s = _mm512_fmadd_ps(_mm512_load_ps(cbuf[c] + (i + r) * kTileWords), v[r], s);
+                  _mm512_storeu_ps(d0 + n * Lo, _mm512_add_ps(_mm512_loadu_ps(d0 + n * Lo), s));
+                } else {
+                  const __m512 an = _mm512_loadu_ps(vp + (b * N + n) * Lo + p);
+                  for (int r = 0; r < GC; ++r)
+                    acc[r] = _mm512_fmadd_ps(_mm512_load_ps(cbuf[c] + (i + r) * kTileWords), an, acc[r]);
+                }
+              }
+          }
+          if (!Grad)
+            for (int r = 0; r < GC; ++r) _mm512_storeu_ps(out + (b * d.channels + q * GC + r) * Lo + p, acc[r]);
+        }
+      }
+    }
+  }
+}
+
+// The AMX forward (Grad false) or grad_att (Grad true) of one call; false where amx_handles says no.
+template <bool Grad>
+bool amx_call(const Bf16Pair* xp, const int64_t* off, const float* vp, const Bf16Pair* w, const float* bias,
+              float* out, const Dims& d, int64_t parts, int64_t qblocks, int threads) {
+  if (!amx_handles(d)) return false;
+  const int64_t kt = amx_k_tiles(d), mt = (d.nset * d.gc + kTileRows - 1) / kTileRows;
+  Buffer<uint32_t> a(d.groups() * mt * kt * kTileSize);
+  pack_amx_bases(w, bias, d, mt, kt, a.data());
+  if (d.gc == 2) basis_tiles<2, Grad>(xp, off, vp, a.data(), out, d, parts, qblocks, threads);
+  else basis_tiles<4, Grad>(xp, off, vp, a.data(), out, d, parts, qblocks, threads);
+  return true;
+}
+#else
+template <bool Grad> bool amx_call(const Bf16Pair*, const int64_t*, const float*, const Bf16Pair*, const float*,
+                                   float*, const Dims&, int64_t, int64_t, int) {
+  return false;
+}
+#endif
 }  // namespace
 
 // xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
@@ -895,12 +1090,14 @@ extern "C" int kba_forward_bf16(const Bf16Pair* xp, const int64_t* off, const fl
                                 const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
                                 int threads) {
   if (gc == 1) return -1;
+  if (amx_call<false>(xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads)) return 0;
   return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads);
 }
 extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const float* gp, const Bf16Pair* w,
                                  const float* bias, float* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
                                  int threads) {
   if (gc == 1) return -1;
+  if (amx_call<true>(xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads)) return 0;
   return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
 }
 // xp: pairs as in kba_forward_bf16 (poff their offsets), dxp: (B, C, chan_stride) float32 (off its offsets),
@@ -911,5 +1108,17 @@ extern "C" int kba_grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const 
   if (gc == 1) return -1;
   return dispatch_gc<float, GradXWBf16>(gc, xp, poff, off, a2, at2, np, gp, w, dxp, dw, KBA_DIMS, accumulate != 0,
                                         threads);
+}
+// The AMX tile products of the bf16 forward and grad_att: `enable` 1 or 0 switches them on or off (tests and
+// benchmarks compare both paths), -1 leaves them; returns whether they run (the build has AMX and Linux granted
+// the tile state).
+extern "C" int64_t kba_amx(int64_t enable) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (enable >= 0) amx_enabled = enable != 0;
+  return amx_enabled && amx_permitted();
+#else
+  (void)enable;
+  return 0;
+#endif
 }
 #endif

@@ -15,14 +15,18 @@ bfloat16 and bf16 autocast computes KBA in bf16 (``compute_dtype``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -101,6 +105,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
         lib.kba_grad_x_w_bf16.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 8 + [i32]
+        lib.kba_amx.argtypes, lib.kba_amx.restype = [i64], i64
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
     lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
@@ -148,7 +153,24 @@ def instruction_sets() -> tuple[str, ...]:
     if isinstance(lib, NativeBuildError):
         return ()
     isa = lib.kba_isa()
-    return ("AVX-512",) * bool(isa & 1) + ("AVX512_BF16",) * bool(isa & 2) or ("AVX2",)
+    amx = bool(isa & 2) and bool(lib.kba_amx(-1))
+    return ("AVX-512",) * bool(isa & 1) + ("AVX512_BF16",) * bool(isa & 2) + ("AMX-BF16",) * amx or ("AVX2",)
+
+
+@contextlib.contextmanager
+def amx_disabled() -> Iterator[None]:
+    """Run the bf16 forward and grad_att on ``vdpbf16ps`` instead of AMX tiles (the tests and benchmarks compare
+    both paths on a CPU with AMX); a no-op where the kernels have no AMX code."""
+    lib = _library()
+    if isinstance(lib, NativeBuildError) or not lib.kba_isa() & 2:
+        yield
+        return
+    previous = lib.kba_amx(-1)
+    lib.kba_amx(0)
+    try:
+        yield
+    finally:
+        lib.kba_amx(previous)
 
 
 def native_dtypes() -> tuple[torch.dtype, ...]:
@@ -175,10 +197,44 @@ def supports(x: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> 
     return gc in GROUP_CHANNELS
 
 
-def _pack(image: torch.Tensor, plane: int, base: int, row: int) -> torch.Tensor:
-    """(B, C, H, W) of any strides to (B, C, plane): pixel (y, x) at base + y·row + x, zeros elsewhere."""
+SCRATCH_BYTES = 512 * 2**20
+"""Most bytes of layout planes each thread keeps between calls. Fresh buffers of this size come from ``mmap``
+and fault every page in on first touch (a fifth of a 256² call, more with two images); reused ones do not.
+Planes beyond the limit are allocated per call."""
+
+
+class _Scratch(threading.local):
+    """The kernels' layout planes, one buffer per role, reused by the next call of this thread. They never leave
+    ``forward``/``backward``: every tensor returned is a new one."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            self.buffers.pop(role, None)
+            if sum(b.numel() for b in self.buffers.values()) + nbytes > SCRATCH_BYTES:
+                return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
+            buffer = self.buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
+        planes = buffer[:nbytes].view(dtype).view(shape)
+        return planes.zero_() if zero else planes
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's kept layout planes (the memory benchmarks measure a call's peak with them)."""
+    _scratch.buffers.clear()
+
+
+def _pack(image: torch.Tensor, plane: int, base: int, row: int, role: str) -> torch.Tensor:
+    """(B, C, H, W) of any strides to (B, C, plane) in the scratch buffer ``role``: pixel (y, x) at
+    base + y·row + x, zeros elsewhere."""
     b, c, h, w = image.shape
-    planes = image.new_empty(b, c, plane)
+    planes = _scratch.get(role, (b, c, plane), image.dtype)
     getattr(_lib(), f"kba_pack_{_suffix(image.dtype)}")(image.data_ptr(), b, c, h, w, *image.stride(),
                                                           planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -194,11 +250,11 @@ def _unpack(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_fo
     return image
 
 
-def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool) -> torch.Tensor:
+def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool, role: str) -> torch.Tensor:
     """``_pack`` of a float32 or bfloat16 image into float32 planes (B, C, plane), or with ``pairs`` into the bf16
     pair planes of the bf16 kernels (B, ⌈C/2⌉, plane) (see ``_Layout.pairs``)."""
     b, c, h, w = image.shape
-    planes = torch.empty(b, -(-c // 2) if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
+    planes = _scratch.get(role, (b, -(-c // 2) if pairs else c, plane), torch.int32 if pairs else torch.float32)
     _lib().kba_pack_convert(image.data_ptr(), int(image.dtype == torch.bfloat16), int(pairs), b, c, h, w,
                             *image.stride(), planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -241,17 +297,17 @@ class _Layout:
     def _round(self, n: int) -> int:
         return -(-n // self.align) * self.align
 
-    def positions(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, M, H, W) per-pixel values to (B, M, length), zero where there is no pixel; bfloat16 values become
-        float32 (the dtype the kernels accumulate in)."""
+    def positions(self, t: torch.Tensor, role: str) -> torch.Tensor:
+        """(B, M, H, W) per-pixel values to (B, M, length) in the scratch buffer ``role``, zero where there is no
+        pixel; bfloat16 values become float32 (the dtype the kernels accumulate in)."""
         if t.dtype == torch.bfloat16:
-            return _pack_converted(t, self.length, 0, self.row, pairs=False)
-        return _pack(t, self.length, 0, self.row)
+            return _pack_converted(t, self.length, 0, self.row, pairs=False, role=role)
+        return _pack(t, self.length, 0, self.row, role)
 
-    def pair_positions(self, t: torch.Tensor) -> torch.Tensor:
+    def pair_positions(self, t: torch.Tensor, role: str) -> torch.Tensor:
         """(B, M, H, W) per-pixel values rounded to bf16 as (B, ⌈M/2⌉, length) pairs of consecutive channels (the
         even one in the low half; an odd M pairs the last channel with zeros)."""
-        return _pack_converted(t, self.length, 0, self.row, pairs=True)
+        return _pack_converted(t, self.length, 0, self.row, pairs=True, role=role)
 
     def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None
                ) -> torch.Tensor:
@@ -305,10 +361,14 @@ class _PaddedRows(_Layout):
         self.offsets = (torch.arange(self.gc)[:, None] * self.chan_stride + taps[None, :]).flatten()
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        return _pack(x, self.chan_stride, self.base, self.row)
+        return _pack(x, self.chan_stride, self.base, self.row, "x")
 
     def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=True)
+        if x.dtype == torch.bfloat16 and self.c % 2 == 0 and _memory_format(x) == torch.channels_last:
+            # Channels-last bf16 already holds the channel pairs: a transposing copy of 32-bit values.
+            pairs = x.permute(0, 2, 3, 1).view(torch.float32).permute(0, 3, 1, 2)
+            return _pack(pairs, self.chan_stride, self.base, self.row, "x").view(torch.int32)
+        return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=True, role="x")
 
     def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype
                    ) -> torch.Tensor:
@@ -332,7 +392,7 @@ class _Columns(_Layout):
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() if x.dtype == torch.bfloat16 else x
-        cols = x.new_empty(self.b, self.c * self.k**2, self.length)
+        cols = _scratch.get("x", (self.b, self.c * self.k**2, self.length), x.dtype)
         getattr(_lib(), f"kba_unfold_{_suffix(x.dtype)}")(x.data_ptr(), *x.shape, *x.stride(), self.k,
                                                            cols.data_ptr(), self.length, _copy_threads(cols))
         return cols
@@ -419,18 +479,16 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
     lay = _layout(x, kernel_size, groups)
     nset = att.shape[1]
     if x.dtype == torch.bfloat16:
-        xp, ap = lay.pair_neighbourhoods(x), lay.positions(att)
-        out = torch.empty(lay.b, lay.c, lay.length)
+        xp, ap = lay.pair_neighbourhoods(x), lay.positions(att, "att")
+        out = _scratch.get("out", (lay.b, lay.c, lay.length), torch.float32)
         _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
               *_split_groups(lay, groups))
-        del xp, ap
         return lay.pixels(out, _memory_format(x), torch.bfloat16)
-    xp, ap = lay.neighbourhoods(x), lay.positions(att)
-    out = x.new_empty(lay.b, lay.c, lay.length)
+    xp, ap = lay.neighbourhoods(x), lay.positions(att, "att")
+    out = _scratch.get("out", (lay.b, lay.c, lay.length), x.dtype)
     _call("kba_forward", lay, nset, x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
           *lay.dims(nset), *_split_groups(lay, groups))
-    del xp, ap  # before the result is allocated: lower peak memory on large images
     return lay.pixels(out, _memory_format(x))
 
 
@@ -448,11 +506,11 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     nset = att.shape[1]
     dtypes = (x.dtype, att.dtype, weight.dtype, bias.dtype)
     bf16 = x.dtype == torch.bfloat16
-    ap, gp = lay.positions(att), lay.positions(grad_out)
+    ap, gp = lay.positions(att, "att"), lay.positions(grad_out, "grad_out")
     bias = bias.to(ap.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
-    datt = ap.new_zeros(qblocks, lay.b, nset, lay.length)
+    datt = _scratch.get("grad_att", (qblocks, lay.b, nset, lay.length), ap.dtype, zero=True)
     if bf16:  # one buffer of x for both kernels: the bf16 pairs the forward read
         xp, offsets = lay.pair_neighbourhoods(x), lay.pair_offsets()
         _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp,
@@ -464,18 +522,17 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
               qblocks)
     grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att), att.dtype)
 
-    dxp = (ap.new_zeros if lay.accumulates else ap.new_empty)(lay.b, lay.c, lay.chan_stride)
+    dxp = _scratch.get("grad_x", (lay.b, lay.c, lay.chan_stride), ap.dtype, zero=lay.accumulates)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
     if bf16:
         position_pairs = _position_pairs(ap)
-        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, offsets, lay.offsets, lay.pair_positions(att),
-              position_pairs, position_pairs.shape[-1], gp, weight, dxp, grad_weight, *lay.dims(nset),
-              int(lay.accumulates))
+        _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, offsets, lay.offsets,
+              lay.pair_positions(att, "att_pairs"), position_pairs, position_pairs.shape[-1], gp, weight, dxp,
+              grad_weight, *lay.dims(nset), int(lay.accumulates))
     else:
         _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight,
               *lay.dims(nset), int(lay.accumulates))
     grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
-    del xp, ap, gp
     grads = (lay.input_grad(dxp, _memory_format(x), x.dtype), grad_att, grad_weight, grad_bias)
     return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
 
@@ -485,5 +542,5 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-__all__ = ["NativeBuildError", "available", "backward", "compute_dtype", "forward", "instruction_sets", "native_dtypes",
-           "supports", "unavailable_reason"]
+__all__ = ["NativeBuildError", "amx_disabled", "available", "backward", "compute_dtype", "forward",
+           "instruction_sets", "native_dtypes", "release_scratch", "supports", "unavailable_reason"]

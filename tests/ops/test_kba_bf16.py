@@ -1,4 +1,4 @@
-"""The bf16 KBA kernels (AVX512_BF16) against the float32 kernels, the AVX2 build against the machine's build, and
+"""The bf16 KBA kernels (AMX tiles and AVX512_BF16) against the float32 kernels, the AVX2 build against the machine's build, and
 the choice of the compute dtype under autocast."""
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ def bf16_case(b, c, h, w, nset, groups, seed=0, k=3):
     return [t.bfloat16().float() for t in tensors], grad.bfloat16().float()
 
 
+@pytest.fixture(params=["amx", "avx512_bf16"])
+def bf16_path(request):
+    """The bf16 forward and grad_att on AMX tiles (where the CPU has them) and on ``vdpbf16ps``."""
+    require_bf16()
+    if request.param == "amx":
+        if "AMX-BF16" not in native.instruction_sets():
+            pytest.skip(f"this CPU has no AMX-BF16 (kernels built for {native.instruction_sets()})")
+        yield
+    else:
+        with native.amx_disabled():
+            yield
+
+
+@pytest.mark.usefixtures("bf16_path")
 @pytest.mark.parametrize("split", [False, True], ids=["as-used", "split-tasks"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("b, c, h, w, nset, groups, k", [
@@ -51,8 +65,8 @@ def bf16_case(b, c, h, w, nset, groups, seed=0, k=3):
 def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups, k):
     """Same numbers in, float32 sums inside: the bf16 path differs from the float32 one only by summation order and
     the final rounding of its bf16 results, except for the bases' gradient (float32), whose products grad_out·x are
-    rounded to bf16: it agrees to float32 precision with that sum and to bf16 precision with the float32 path."""
-    require_bf16()
+    rounded to bf16: it agrees to float32 precision with that sum and to bf16 precision with the float32 path.
+    On AMX the bias enters the tile products as three bf16 parts that sum to it exactly."""
     if split:
         monkeypatch.setattr(native, "POSITIONS_PER_TASK", 16)
         monkeypatch.setattr(native, "MACS_PER_THREAD", 1)
@@ -132,34 +146,45 @@ def test_bf16_needs_an_even_group_size():
     assert native.supports(x.float(), 8)
 
 
-AVX2_SCRIPT = """
+BUILD_SCRIPT = """
 import json, sys, torch
 from kbnet.ops import native
 torch.manual_seed(0)
 inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
           torch.randn(1, 8, 16)]
 grad = torch.randn(2, 16, 9, 21)
+dtype = getattr(torch, sys.argv[2])
+inputs[:2], grad = [t.to(dtype) for t in inputs[:2]], grad.to(dtype)
 results = [native.forward(*inputs, 3, 4), *native.backward(*inputs, grad, 3, 4)]
 torch.save(results, sys.argv[1])
 print(json.dumps({"isa": native.instruction_sets(), "dtypes": [str(d) for d in native.native_dtypes()]}))
 """
 
 
-def test_the_avx2_build_compiles_and_matches(tmp_path):
-    """The kernels built for an AVX2 CPU (``-march=haswell``, into a separate cache) give this machine's results."""
+@pytest.mark.parametrize("march, dtype, isa", [
+    ("haswell", torch.float32, ["AVX2"]),  # the AVX2 code
+    ("cooperlake", torch.bfloat16, ["AVX-512", "AVX512_BF16"]),  # bf16 kernels without AMX tiles
+])
+def test_other_builds_compile_and_match(tmp_path, march, dtype, isa):
+    """The kernels built for another CPU (``-march``, into a separate cache) give this machine's results."""
     require_native()
-    env = {**os.environ, native.MARCH_ENV: "haswell", "KBNET_CACHE_DIR": str(tmp_path / "cache"),
+    if dtype == torch.bfloat16:
+        require_bf16()
+    env = {**os.environ, native.MARCH_ENV: march, "KBNET_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", AVX2_SCRIPT, str(tmp_path / "avx2.pt")], env=env, cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "other.pt"), str(dtype)[6:]], env=env,
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info == {"isa": ["AVX2"], "dtypes": ["torch.float32", "torch.float64"]}
+    dtypes = ["torch.float32", "torch.float64"] + ["torch.bfloat16"] * (dtype == torch.bfloat16)
+    assert info == {"isa": isa, "dtypes": dtypes}
     assert len(list((tmp_path / "cache").glob("kba_cpu-*.so"))) == 1
     torch.manual_seed(0)
     inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
               torch.randn(1, 8, 16)]
     grad = torch.randn(2, 16, 9, 21)
+    inputs[:2], grad = [t.to(dtype) for t in inputs[:2]], grad.to(dtype)
     ours = [native.forward(*inputs, 3, 4), *native.backward(*inputs, grad, 3, 4)]
-    for a, b in zip(torch.load(tmp_path / "avx2.pt"), ours, strict=True):
-        assert relative_error(a, b) < 1e-6
+    tolerance = 1e-6 if dtype == torch.float32 else BF16_ROUNDING  # bf16: summation order, then one rounding
+    for a, b in zip(torch.load(tmp_path / "other.pt"), ours, strict=True):
+        assert relative_error(a.float(), b.float()) < tolerance

@@ -7,7 +7,7 @@ import torch
 
 import kbnet.ops.kernel_basis as kba_module
 from kbnet.ops import kba, native
-from tests.helpers.kba import require_native
+from tests.helpers.kba import random_case, require_native
 
 
 @pytest.fixture
@@ -91,18 +91,59 @@ def test_narrow_images_use_columns(lib, width, layout):
     assert type(native._layout(torch.zeros(1, 8, 3, width), 3, 2)).__name__ == layout
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(2, 19, 5, 23), (1, 8, 8, 8), (1, 3, 1, 1)])
 def test_pack_unpack_round_trip(lib, dtype, memory_format, shape):
-    image = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
+    """Planes of any image and back (bf16 images: into float32 planes, and rounded back to bf16)."""
+    image = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
     b, c, h, w = shape
     row, base = w + 3, 2 * (w + 3) + 1
     plane = base + h * row + 5
-    planes = native._pack(image, plane, base, row)
-    expected = torch.zeros(b, c, plane, dtype=dtype)
+    if dtype == torch.bfloat16:
+        planes = native._pack_converted(image, plane, base, row, pairs=False, role="test")
+    else:
+        planes = native._pack(image, plane, base, row, "test")
+    expected = torch.zeros(b, c, plane, dtype=planes.dtype)
     expected[:, :, base:base + h * row].view(b, c, h, row)[..., :w] = image
     assert torch.equal(planes, expected)
-    back = native._unpack(planes, base, row, h, w, memory_format)
-    assert torch.equal(back, image)
+    if dtype == torch.bfloat16:
+        back = native._unpack_to_bf16(planes, base, row, h, w, memory_format)
+    else:
+        back = native._unpack(planes, base, row, h, w, memory_format)
+    assert back.dtype == dtype and torch.equal(back, image)
     assert back.is_contiguous(memory_format=memory_format)
+
+
+def test_unpack_to_bf16_rounds_to_nearest_even(lib):
+    planes = torch.randn(1, 19, 12 * 13)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        image = native._unpack_to_bf16(planes, 0, 13, 12, 13, memory_format)
+        assert torch.equal(image, planes.view(1, 19, 12, 13).bfloat16())
+
+
+def test_channels_last_bf16_pairs_are_the_converting_pack(lib):
+    """Channels-last bf16 already holds the channel pairs: its 32-bit transposing copy gives the converting pack."""
+    x = torch.randn(2, 12, 7, 19).bfloat16()
+    lay = native._layout(x, 3, 3)
+    expected = lay.pair_neighbourhoods(x).clone()  # NCHW: the converting pack
+    assert torch.equal(lay.pair_neighbourhoods(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+def test_layout_planes_are_reused_and_never_returned(lib, monkeypatch):
+    """The layout planes live in per-thread scratch buffers that later calls reuse; results never alias them."""
+    native.release_scratch()
+    (x, att, weight, bias), k, groups = random_case(c=8, h=9, w=12, dtype=torch.float32)
+    x, att, weight, bias = (t.detach() for t in (x, att, weight, bias))
+    first = native.forward(x, att, weight, bias, k, groups)
+    kept = {role: b.data_ptr() for role, b in native._scratch.buffers.items()}
+    assert {"x", "att", "out"} <= kept.keys()
+    snapshot = first.clone()
+    second = native.forward(x * 2, att, weight, bias, k, groups)
+    assert {role: b.data_ptr() for role, b in native._scratch.buffers.items()} == kept
+    assert torch.equal(first, snapshot)
+    monkeypatch.setattr(native, "SCRATCH_BYTES", 0)  # nothing kept: every plane allocated per call
+    native.release_scratch()
+    assert torch.equal(native.forward(x * 2, att, weight, bias, k, groups), second)
+    assert torch.equal(native.forward(x, att, weight, bias, k, groups), first)
+    assert native._scratch.buffers == {}
