@@ -6,13 +6,15 @@
 For each shape (the KBA levels of KBNet_s and KBNet_l at a 128² and a 256² input, batch 1 and 2) it times the
 forward pass and forward+backward (gradients of all four inputs), interleaving the implementations, and measures
 their peak memory in fresh worker processes (see ``kbnet.benchmarks.common``). Ratios are reference / ours: above 1
-means ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16); its rates
-are given as a share of the matmul rate of the same dtype, measured in the same run (FLOPs: the official
-formulation's MACs ×2, a forward+backward counted as 3× the forward).
+means ours is faster or leaner. Ours also runs under bf16 autocast where KBA has bf16 kernels (AVX512_BF16; with
+AMX also without the tile kernels, ``vdpbf16ps`` only); its rates are given as a share of the matmul rate of the same
+dtype, measured in the same run (FLOPs: the official formulation's MACs ×2, a forward+backward counted as 3× the
+forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +38,7 @@ from kbnet.benchmarks.common import (
 )
 from kbnet.cli import user_errors
 from kbnet.markdown import markdown_table
-from kbnet.ops import kba
+from kbnet.ops import kba, native
 
 NSET = 32
 KERNEL = 3
@@ -99,12 +101,17 @@ def inputs(case: Case, requires_grad: bool) -> list[torch.Tensor]:
 
 BF16 = "bf16"
 """The name of the variant that runs the subject implementation under bf16 autocast."""
+NO_AMX = "bf16 vdpbf16ps"
+"""The bf16 variant without AMX tiles (measured where the kernels use them, to show what they add)."""
 
 
-def step(case: Case, impl: str, backward: bool, tensors: list[torch.Tensor], grad: torch.Tensor, bf16: bool = False):
-    """The measured call: forward only (no graph) or forward and backward, optionally under bf16 autocast."""
+def step(case: Case, impl: str, backward: bool, tensors: list[torch.Tensor], grad: torch.Tensor, bf16: bool = False,
+         amx: bool = True):
+    """The measured call: forward only (no graph) or forward and backward, optionally under bf16 autocast (and
+    without the AMX tile kernels)."""
     def run() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                (contextlib.nullcontext() if amx else native.amx_disabled()):
             if backward:
                 for t in tensors:
                     t.grad = None
@@ -143,6 +150,8 @@ def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, thread
             variants = {impl: step(case, impl, mode == "fwd+bwd", tensors, grad) for impl in impls}
             if bf16:
                 variants[BF16] = step(case, impls[0], mode == "fwd+bwd", tensors, grad, bf16=True)
+            if bf16 and "AMX-BF16" in native.instruction_sets():
+                variants[NO_AMX] = step(case, impls[0], mode == "fwd+bwd", tensors, grad, bf16=True, amx=False)
             row[mode] = time_calls(variants, repeats)
         row["peak"] = {impl: peaks[impl][i] for impl in peaks}
         results.append(row)
@@ -157,6 +166,8 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -
               f"f+b peak {ours} MiB", f"f+b peak {ref} MiB", "memory ×", f"fwd peak {ours} MiB", f"fwd peak {ref} MiB",
               f"fwd {ours} % fp32 mm", f"f+b {ours} % fp32 mm"]
     header += ["bf16 fwd ms", "bf16 f+b ms", "fp32/bf16 fwd ×", "bf16 fwd % bf16 mm", "bf16 f+b % bf16 mm"] * bf16
+    no_amx = NO_AMX in results[0]["fwd"] if results else False
+    header += ["vdpbf16ps fwd ms", "vdpbf16ps f+b ms", "AMX fwd ×", "AMX f+b ×"] * no_amx
     rows = []
     for r in results:
         c, fwd, fb, peak = r["case"], r["fwd"], r["fwd+bwd"], r["peak"]
@@ -172,6 +183,9 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -
         if bf16:
             row += [ms(fwd[BF16].wall), ms(fb[BF16].wall), ratio(fwd[ours].wall, fwd[BF16].wall),
                     share(fwd[BF16], 1, "bfloat16"), share(fb[BF16], 3, "bfloat16")]
+        if no_amx:
+            row += [ms(fwd[NO_AMX].wall), ms(fb[NO_AMX].wall), ratio(fwd[NO_AMX].wall, fwd[BF16].wall),
+                    ratio(fb[NO_AMX].wall, fb[BF16].wall)]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -190,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, run.memory, run.bf16)
     rates = matmul_rates(1024 if args.quick else 2048)
     bf16_note = run.bf16_note(f"{impls[0]} under bf16 autocast (bf16 kernels, float32 sums)")
+    if run.bf16 and "AMX-BF16" in native.instruction_sets():
+        bf16_note += "; vdpbf16ps: the same without the AMX tile kernels, AMX × = vdpbf16ps / bf16"
     print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
           f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "

@@ -26,10 +26,14 @@
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KBA_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <optional>
+#else
+#define KBA_AMX 0
 #endif
 
 namespace {
@@ -753,153 +757,7 @@ inline __m512bh load_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si
 // 16 floats rounded to bf16 (nearest even), stored as 16 consecutive bf16 values.
 inline void store_bf16(uint16_t* dst, __m512 v) { _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-// grad_x in bf16 without rounding a product: dxp[s, off_j + p] += Σ_r g[r,p] · K[r,j,p] with the fused kernel
-// K[r,j,p] = Σ_n a[n,p] · W[n,r,j] summed over basis pairs (a and W are bf16, so each product is exact in float32)
-// for JB taps × GC rows × PB position vectors. a2: the coefficient pairs (n = 2·n2, 2·n2 + 1) of one image, wp the
-// basis pairs of the group at [j][r][n2].
-template <int JB, int GC, int PB>
-inline void scatter_pairs_block(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
-                                const int64_t* off, float* dx0, int64_t len, int64_t p, bool accumulate) {
-  __m512 k[JB][GC][PB];
-  for (int jj = 0; jj < JB; ++jj)
-    for (int r = 0; r < GC; ++r)
-      for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_setzero_ps();
-  for (int64_t n2 = 0; n2 < n2count; ++n2) {
-    __m512bh u[PB];
-    for (int i = 0; i < PB; ++i) u[i] = load_pairs(a2 + n2 * len + p + i * 16);
-    for (int jj = 0; jj < JB; ++jj)
-      for (int r = 0; r < GC; ++r) {
-        const __m512bh w = splat_pair(wp[(jj * GC + r) * n2count + n2]);
-        for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_dpbf16_ps(k[jj][r][i], u[i], w);
-      }
-  }
-  for (int i = 0; i < PB; ++i) {
-    Vec<float> g[GC];
-    for (int r = 0; r < GC; ++r) g[r] = load(g0 + r * len + p + i * 16);
-    for (int jj = 0; jj < JB; ++jj) {
-      Vec<float> s = g[0] * (Vec<float>)k[jj][0][i];
-      for (int r = 1; r < GC; ++r) s += g[r] * (Vec<float>)k[jj][r][i];
-      float* dst = dx0 + off[jj] + p + i * 16;
-      store(dst, accumulate ? load(dst) + s : s);
-    }
-  }
-}
-
-// grad_x in bf16 over one image's positions: position blocks outside and taps inside, so a block's coefficient
-// pairs stay in L1 for all taps. JB taps × GC rows × PB vectors = 24 accumulators; J = GC·k² is a multiple of JB.
-template <int GC>
-inline void scatter_pairs(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
-                          const int64_t* off, float* dx0, int64_t len, int64_t J, bool accumulate) {
-  constexpr int JB = GC == 2 ? 2 : 1, PB = 24 / (JB * GC);
-  int64_t p = 0;
-  for (; p + PB * 16 <= len; p += PB * 16)
-    for (int64_t j = 0; j < J; j += JB)
-      scatter_pairs_block<JB, GC, PB>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
-  for (; p < len; p += 16)
-    for (int64_t j = 0; j < J; j += JB)
-      scatter_pairs_block<JB, GC, 1>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
-}
-
-// grad_w in bf16: dwq[t, n] += Σ_p a[n,p] · v[t,p] over position pairs for RB rows t = (r, j) × NB vectors of
-// bases n. at2 rows (one per position pair) hold (a[n, 2·p2], a[n, 2·p2 + 1]) pairs, v rows the products
-// v[t,p] = g[r,p]·u[j,p] in bf16, so a pair of consecutive values is one 32-bit broadcast.
-template <int RB, int NB>
-inline void accumulate_pairs(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
-                             int64_t v_stride, float* dwq, int64_t dw_stride) {
-  __m512 acc[RB][NB];
-  for (int t = 0; t < RB; ++t)
-    for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_loadu_ps(dwq + t * dw_stride + k * 16);
-  for (int64_t p2 = 0; p2 < pairs; ++p2) {
-    __m512bh av[NB];
-    for (int k = 0; k < NB; ++k) av[k] = load_pairs(at2 + p2 * at_stride + k * 16);
-    for (int t = 0; t < RB; ++t) {
-      uint32_t bits;
-      std::memcpy(&bits, v + t * v_stride + 2 * p2, sizeof bits);
-      const __m512bh u = splat_pair(bits);
-      for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], u);
-    }
-  }
-  for (int t = 0; t < RB; ++t)
-    for (int k = 0; k < NB; ++k) _mm512_storeu_ps(dwq + t * dw_stride + k * 16, acc[t][k]);
-}
-
-// 12 rows × 2 vectors of bases = 24 accumulators (32 bases); single rows finish the GC·k² rows of other k.
-template <int NB>
-inline void accumulate_pair_rows(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
-                                 int64_t v_stride, int64_t rows, float* dwq, int64_t dw_stride) {
-  constexpr int RB = 12;
-  int64_t t = 0;
-  for (; t + RB <= rows; t += RB)
-    accumulate_pairs<RB, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
-  for (; t < rows; ++t)
-    accumulate_pairs<1, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
-}
-
-// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp holds the input in bf16
-// pairs of in-channels as the forward reads it (poff: its pair-tap offsets), dxp float32 planes of the same
-// stride (off: their tap offsets); gp is float32 holding bf16 values, w the bases rounded to bf16 as the forward
-// applied them; a2 (B, ⌈N/2⌉, Lo) holds the coefficient pairs of consecutive bases, at2 (B, Lo/2, Np) those of
-// consecutive positions (bases zero-padded to Np, a multiple of 16). grad_w's products grad_out·x are rounded to
-// bf16 before the sum; grad_x's are exact.
-template <int GC>
-void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, const uint32_t* a2,
-                   const uint32_t* at2, int64_t np, const float* gp, const float* w, float* dxp, float* dw,
-                   const Dims& d, bool accumulate, int threads) {
-  const int64_t G = d.groups(), N = d.nset, N2 = (N + 1) / 2, J = d.taps(), S = d.basis_size(), Lo = d.len;
-  const int64_t k2 = d.ksize * d.ksize;
-  const int64_t rows = GC * J, chunk = std::min(Lo, kChunk);
-  const int64_t vs = chunk + 32;  // one cache line longer than a row (see grad_x_w)
-#pragma omp parallel num_threads(threads)
-  {
-    Buffer<uint16_t> v(rows * vs);
-    Buffer<uint32_t> wp(J * GC * N2);
-    Buffer<float> dwq(rows * np);
-#pragma omp for schedule(dynamic)
-    for (int64_t q = 0; q < G; ++q) {
-      for (int64_t j = 0; j < J; ++j)
-        for (int r = 0; r < GC; ++r)
-          for (int64_t n2 = 0; n2 < N2; ++n2) {
-            const float* wn = w + 2 * n2 * S + (q * GC + r) * J + j;
-            wp[(j * GC + r) * N2 + n2] = to_bf16(wn[0]) | (2 * n2 + 1 < N ? to_bf16(wn[S]) << 16 : 0u);
-          }
-      dwq.zero();
-      for (int64_t b = 0; b < d.batch; ++b) {
-        const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
-        const float* g0 = gp + (b * d.channels + q * GC) * Lo;
-        float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
-        scatter_pairs<GC>(a2 + b * N2 * Lo, N2, wp.data(), g0, off, dx0, Lo, J, accumulate);
-        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
-          const int64_t len = std::min(chunk, Lo - p0);
-          for (int64_t j = 0; j < J; ++j) {
-            const int64_t s = j / k2;  // in-channel s of tap j: the low (even s) or high half of its pair
-            const Bf16Pair* uj = x0 + poff[s / 2 * k2 + j % k2] + p0;
-            for (int64_t p = 0; p < len; p += 16) {
-              const __m512i pairs = _mm512_loadu_si512(uj + p);
-              const __m512 u = _mm512_castsi512_ps(s % 2 ? _mm512_and_si512(pairs, _mm512_set1_epi32(~0xffff))
-                                                         : _mm512_slli_epi32(pairs, 16));
-              for (int r = 0; r < GC; ++r)
-                store_bf16(v.data() + (r * J + j) * vs + p, _mm512_loadu_ps(g0 + r * Lo + p0 + p) * u);
-            }
-          }
-          const uint32_t* at = at2 + (b * Lo + p0) / 2 * np;
-          int64_t n = 0;
-          for (; n + 32 <= np; n += 32)
-            accumulate_pair_rows<2>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
-          for (; n < np; n += 16)
-            accumulate_pair_rows<1>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
-        }
-      }
-      for (int64_t n = 0; n < N; ++n)
-        for (int r = 0; r < GC; ++r)
-          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[(r * J + j) * np + n];
-    }
-  }
-}
-template <typename T, int GC> struct GradXWBf16 {
-  template <typename... A> static void run(A... args) { grad_x_w_bf16<GC>(args...); }
-};
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if KBA_AMX
 // AMX tiles (Sapphire Rapids and later) for the bf16 forward and grad_att: per channel group and block of 16
 // positions, the basis application is one tile matrix product
 //     T[(n,r), p] = bias[n,r] + Σ_j2 W[n,r,j2] · u[j2,p]      (rows (n,r) = n·gc + r, K = the pair-taps j2)
@@ -1077,12 +935,267 @@ bool amx_call(const Bf16Pair* xp, const int64_t* off, const float* vp, const Bf1
   else basis_tiles<4, Grad>(xp, off, vp, a.data(), out, d, parts, qblocks, threads);
   return true;
 }
+
+// The bf16 grad_x_w on tiles (KBNet's group sizes, at most 64 bases, positions in whole pairs of tile rows).
+bool amx_grad_handles(const Dims& d) {
+  return amx_enabled && (d.gc == 2 || d.gc == 4) && d.nset <= 2 * kMaxKTiles * kTileWords &&
+         d.len % (2 * kTileRows) == 0 && amx_permitted();
+}
+
+// grad_x's A tiles (MT, KT, 16, 16) of one group from its basis pairs wp[R][n2], R = j·gc + r (see
+// grad_x_w_bf16), into `a`, zero where no row or pair.
+inline void pack_grad_x_tiles(const uint32_t* wp, int64_t rows, int64_t n2count, int64_t kt, uint32_t* a) {
+  for (int64_t R = 0; R < rows; ++R)
+    for (int64_t n2 = 0; n2 < n2count; ++n2)
+      a[(R / kTileRows * kt + n2 / kTileWords) * kTileSize + R % kTileRows * kTileWords + n2 % kTileWords] =
+          wp[R * n2count + n2];
+}
+
+// grad_x on tiles for one image and group: the fused kernel K[(j,r), p] = Σ_n W[n,r,j]·a[n,p] as C tiles (A: the
+// packed bases, B: the coefficient pairs of 16 positions), then dxp[s, off_j + p] += Σ_r g[r,p]·K[(j,r), p] as in
+// scatter_pairs (the same exact products and float32 sums).
+template <int GC>
+void scatter_tiles(const uint32_t* a2, int64_t n2count, const uint32_t* at, int64_t mt, int64_t kt, const float* g0,
+                   const int64_t* off, float* dx0, int64_t len, int64_t J, bool accumulate) {
+  alignas(64) uint32_t stage[kMaxKTiles][kTileSize] = {};
+  alignas(64) float cbuf[kCTiles][kTileSize];
+  const bool direct = n2count % kTileRows == 0;  // whole tiles of coefficient pairs: loaded in place
+  for (int64_t p = 0; p < len; p += kTileRows) {
+    if (direct) {
+      _tile_loadd(6, a2 + p, len * 4);
+      if (kt > 1) _tile_loadd(7, a2 + kTileRows * len + p, len * 4);
+    } else {
+      for (int64_t n2 = 0; n2 < n2count; ++n2)
+        _mm512_store_si512(&stage[n2 / kTileRows][n2 % kTileRows * kTileWords], _mm512_loadu_si512(a2 + n2 * len + p));
+      _tile_loadd(6, stage[0], 64);
+      if (kt > 1) _tile_loadd(7, stage[1], 64);
+    }
+    __m512 g[GC];
+    for (int r = 0; r < GC; ++r) g[r] = _mm512_loadu_ps(g0 + r * len + p);
+    for (int64_t m = 0; m < mt; m += kCTiles) {
+      const int cm = static_cast<int>(std::min<int64_t>(kCTiles, mt - m));
+      block_products(at + m * kt * kTileSize, kt, cm, cbuf);
+      for (int c = 0; c < cm; ++c)
+        for (int i = 0; i < kTileRows; i += GC) {
+          const int64_t j = ((m + c) * kTileRows + i) / GC;
+          if (j >= J) break;
+          __m512 s = _mm512_mul_ps(_mm512_load_ps(cbuf[c] + i * kTileWords), g[0]);
+          for (int r = 1; r < GC; ++r) s = _mm512_fmadd_ps(_mm512_load_ps(cbuf[c] + (i + r) * kTileWords), g[r], s);
+          float* dst = dx0 + off[j] + p;
+          _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), s) : s);
+        }
+    }
+  }
+}
+
+// grad_w on tiles over one chunk: dwq[t, n] += Σ_p v[t,p]·a[n,p] for the rows t (A: v rows, 32 positions per
+// tile row, rows padded to whole tiles with zeros) and the np bases (B: the pairs of consecutive positions at, np
+// columns); 2×2 C tiles at a time, accumulated in dwq (rows × np float32). len is a multiple of 32.
+inline void accumulate_tiles(const uint16_t* v, int64_t vs, int64_t rows, const uint32_t* at, int64_t np,
+                             int64_t len, float* dwq) {
+  const int64_t lc = np * 4, lv = vs * 2;  // byte strides of dwq and at rows, and of v rows
+  for (int64_t m = 0; m < rows; m += 2 * kTileRows) {
+    const bool m2 = m + kTileRows < rows;
+    float* c0 = dwq + m * np;
+    float* c2 = c0 + kTileRows * np;
+    for (int64_t n = 0; n < np; n += 2 * kTileWords) {
+      const bool n2 = n + kTileWords < np;
+      _tile_loadd(0, c0 + n, lc);
+      if (n2) _tile_loadd(1, c0 + n + kTileWords, lc);
+      if (m2) _tile_loadd(2, c2 + n, lc);
+      if (m2 && n2) _tile_loadd(3, c2 + n + kTileWords, lc);
+      for (int64_t p = 0; p < len; p += 2 * kTileRows) {
+        _tile_loadd(4, v + m * vs + p, lv);
+        if (m2) _tile_loadd(5, v + (m + kTileRows) * vs + p, lv);
+        _tile_loadd(6, at + p / 2 * np + n, lc);
+        if (n2) _tile_loadd(7, at + p / 2 * np + n + kTileWords, lc);
+        _tile_dpbf16ps(0, 4, 6);
+        if (n2) _tile_dpbf16ps(1, 4, 7);
+        if (m2) _tile_dpbf16ps(2, 5, 6);
+        if (m2 && n2) _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0 + n, lc);
+      if (n2) _tile_stored(1, c0 + n + kTileWords, lc);
+      if (m2) _tile_stored(2, c2 + n, lc);
+      if (m2 && n2) _tile_stored(3, c2 + n + kTileWords, lc);
+    }
+  }
+}
 #else
+inline bool amx_grad_handles(const Dims&) { return false; }
 template <bool Grad> bool amx_call(const Bf16Pair*, const int64_t*, const float*, const Bf16Pair*, const float*,
                                    float*, const Dims&, int64_t, int64_t, int) {
   return false;
 }
 #endif
+
+// grad_x in bf16 without rounding a product: dxp[s, off_j + p] += Σ_r g[r,p] · K[r,j,p] with the fused kernel
+// K[r,j,p] = Σ_n a[n,p] · W[n,r,j] summed over basis pairs (a and W are bf16, so each product is exact in float32)
+// for JB taps × GC rows × PB position vectors. a2: the coefficient pairs (n = 2·n2, 2·n2 + 1) of one image, wp the
+// basis pairs of the group at [j][r][n2].
+template <int JB, int GC, int PB>
+inline void scatter_pairs_block(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
+                                const int64_t* off, float* dx0, int64_t len, int64_t p, bool accumulate) {
+  __m512 k[JB][GC][PB];
+  for (int jj = 0; jj < JB; ++jj)
+    for (int r = 0; r < GC; ++r)
+      for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_setzero_ps();
+  for (int64_t n2 = 0; n2 < n2count; ++n2) {
+    __m512bh u[PB];
+    for (int i = 0; i < PB; ++i) u[i] = load_pairs(a2 + n2 * len + p + i * 16);
+    for (int jj = 0; jj < JB; ++jj)
+      for (int r = 0; r < GC; ++r) {
+        const __m512bh w = splat_pair(wp[(jj * GC + r) * n2count + n2]);
+        for (int i = 0; i < PB; ++i) k[jj][r][i] = _mm512_dpbf16_ps(k[jj][r][i], u[i], w);
+      }
+  }
+  for (int i = 0; i < PB; ++i) {
+    Vec<float> g[GC];
+    for (int r = 0; r < GC; ++r) g[r] = load(g0 + r * len + p + i * 16);
+    for (int jj = 0; jj < JB; ++jj) {
+      Vec<float> s = g[0] * (Vec<float>)k[jj][0][i];
+      for (int r = 1; r < GC; ++r) s += g[r] * (Vec<float>)k[jj][r][i];
+      float* dst = dx0 + off[jj] + p + i * 16;
+      store(dst, accumulate ? load(dst) + s : s);
+    }
+  }
+}
+
+// grad_x in bf16 over one image's positions: position blocks outside and taps inside, so a block's coefficient
+// pairs stay in L1 for all taps. JB taps × GC rows × PB vectors = 24 accumulators; J = GC·k² is a multiple of JB.
+template <int GC>
+inline void scatter_pairs(const uint32_t* a2, int64_t n2count, const uint32_t* wp, const float* g0,
+                          const int64_t* off, float* dx0, int64_t len, int64_t J, bool accumulate) {
+  constexpr int JB = GC == 2 ? 2 : 1, PB = 24 / (JB * GC);
+  int64_t p = 0;
+  for (; p + PB * 16 <= len; p += PB * 16)
+    for (int64_t j = 0; j < J; j += JB)
+      scatter_pairs_block<JB, GC, PB>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
+  for (; p < len; p += 16)
+    for (int64_t j = 0; j < J; j += JB)
+      scatter_pairs_block<JB, GC, 1>(a2, n2count, wp + j * GC * n2count, g0, off + j, dx0, len, p, accumulate);
+}
+
+// grad_w in bf16: dwq[t, n] += Σ_p a[n,p] · v[t,p] over position pairs for RB rows t = (r, j) × NB vectors of
+// bases n. at2 rows (one per position pair) hold (a[n, 2·p2], a[n, 2·p2 + 1]) pairs, v rows the products
+// v[t,p] = g[r,p]·u[j,p] in bf16, so a pair of consecutive values is one 32-bit broadcast.
+template <int RB, int NB>
+inline void accumulate_pairs(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
+                             int64_t v_stride, float* dwq, int64_t dw_stride) {
+  __m512 acc[RB][NB];
+  for (int t = 0; t < RB; ++t)
+    for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_loadu_ps(dwq + t * dw_stride + k * 16);
+  for (int64_t p2 = 0; p2 < pairs; ++p2) {
+    __m512bh av[NB];
+    for (int k = 0; k < NB; ++k) av[k] = load_pairs(at2 + p2 * at_stride + k * 16);
+    for (int t = 0; t < RB; ++t) {
+      uint32_t bits;
+      std::memcpy(&bits, v + t * v_stride + 2 * p2, sizeof bits);
+      const __m512bh u = splat_pair(bits);
+      for (int k = 0; k < NB; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], av[k], u);
+    }
+  }
+  for (int t = 0; t < RB; ++t)
+    for (int k = 0; k < NB; ++k) _mm512_storeu_ps(dwq + t * dw_stride + k * 16, acc[t][k]);
+}
+
+// 12 rows × 2 vectors of bases = 24 accumulators (32 bases); single rows finish the GC·k² rows of other k.
+template <int NB>
+inline void accumulate_pair_rows(const uint32_t* at2, int64_t at_stride, int64_t pairs, const uint16_t* v,
+                                 int64_t v_stride, int64_t rows, float* dwq, int64_t dw_stride) {
+  constexpr int RB = 12;
+  int64_t t = 0;
+  for (; t + RB <= rows; t += RB)
+    accumulate_pairs<RB, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
+  for (; t < rows; ++t)
+    accumulate_pairs<1, NB>(at2, at_stride, pairs, v + t * v_stride, v_stride, dwq + t * dw_stride, dw_stride);
+}
+
+// grad_x_w with bf16 operands and float32 sums, tasks and outputs as in grad_x_w. xp holds the input in bf16
+// pairs of in-channels as the forward reads it (poff: its pair-tap offsets), dxp float32 planes of the same
+// stride (off: their tap offsets); gp is float32 holding bf16 values, w the bases rounded to bf16 as the forward
+// applied them; a2 (B, ⌈N/2⌉, Lo) holds the coefficient pairs of consecutive bases, at2 (B, Lo/2, Np) those of
+// consecutive positions (bases zero-padded to Np, a multiple of 16). grad_w's products grad_out·x are rounded to
+// bf16 before the sum; grad_x's are exact.
+template <int GC>
+void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, const uint32_t* a2,
+                   const uint32_t* at2, int64_t np, const float* gp, const float* w, float* dxp, float* dw,
+                   const Dims& d, bool accumulate, int threads) {
+  const int64_t G = d.groups(), N = d.nset, N2 = (N + 1) / 2, J = d.taps(), S = d.basis_size(), Lo = d.len;
+  const int64_t k2 = d.ksize * d.ksize;
+  const int64_t rows = GC * J, chunk = std::min(Lo, kChunk);
+  const int64_t vs = chunk + 32;  // one cache line longer than a row (see grad_x_w)
+  [[maybe_unused]] const bool tiles = amx_grad_handles(d);
+  // grad_x's tiles; grad_w's rows padded to whole tiles
+  const int64_t mt = (rows + 15) / 16;
+  [[maybe_unused]] const int64_t kt = (N2 + 15) / 16;
+#pragma omp parallel num_threads(threads)
+  {
+#if KBA_AMX
+    std::optional<TileScope> scope;
+    if (tiles) scope.emplace();
+    Buffer<uint32_t> wt(tiles ? mt * kt * kTileSize : 1);
+#endif
+    Buffer<uint16_t> v(mt * 16 * vs);
+    Buffer<uint32_t> wp(J * GC * N2);
+    Buffer<float> dwq(mt * 16 * np);
+#pragma omp for schedule(dynamic)
+    for (int64_t q = 0; q < G; ++q) {
+      for (int64_t j = 0; j < J; ++j)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t n2 = 0; n2 < N2; ++n2) {
+            const float* wn = w + 2 * n2 * S + (q * GC + r) * J + j;
+            wp[(j * GC + r) * N2 + n2] = to_bf16(wn[0]) | (2 * n2 + 1 < N ? to_bf16(wn[S]) << 16 : 0u);
+          }
+#if KBA_AMX
+      if (tiles) pack_grad_x_tiles(wp.data(), rows, N2, kt, wt.data());
+#endif
+      dwq.zero();
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
+        const float* g0 = gp + (b * d.channels + q * GC) * Lo;
+        float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+#if KBA_AMX
+        if (tiles) scatter_tiles<GC>(a2 + b * N2 * Lo, N2, wt.data(), mt, kt, g0, off, dx0, Lo, J, accumulate);
+        else
+#endif
+          scatter_pairs<GC>(a2 + b * N2 * Lo, N2, wp.data(), g0, off, dx0, Lo, J, accumulate);
+        for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
+          const int64_t len = std::min(chunk, Lo - p0);
+          for (int64_t j = 0; j < J; ++j) {
+            const int64_t s = j / k2;  // in-channel s of tap j: the low (even s) or high half of its pair
+            const Bf16Pair* uj = x0 + poff[s / 2 * k2 + j % k2] + p0;
+            for (int64_t p = 0; p < len; p += 16) {
+              const __m512i pairs = _mm512_loadu_si512(uj + p);
+              const __m512 u = _mm512_castsi512_ps(s % 2 ? _mm512_and_si512(pairs, _mm512_set1_epi32(~0xffff))
+                                                         : _mm512_slli_epi32(pairs, 16));
+              for (int r = 0; r < GC; ++r)
+                store_bf16(v.data() + (r * J + j) * vs + p, _mm512_loadu_ps(g0 + r * Lo + p0 + p) * u);
+            }
+          }
+          const uint32_t* at = at2 + (b * Lo + p0) / 2 * np;
+#if KBA_AMX
+          if (tiles) {
+            accumulate_tiles(v.data(), vs, mt * 16, at, np, len, dwq.data());
+            continue;
+          }
+#endif
+          int64_t n = 0;
+          for (; n + 32 <= np; n += 32)
+            accumulate_pair_rows<2>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
+          for (; n < np; n += 16)
+            accumulate_pair_rows<1>(at + n, np, len / 2, v.data(), vs, rows, dwq.data() + n, np);
+        }
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int r = 0; r < GC; ++r)
+          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[(r * J + j) * np + n];
+    }
+  }
+}
+template <typename T, int GC> struct GradXWBf16 {
+  template <typename... A> static void run(A... args) { grad_x_w_bf16<GC>(args...); }
+};
 }  // namespace
 
 // xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
@@ -1113,7 +1226,7 @@ extern "C" int kba_grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const 
 // benchmarks compare both paths), -1 leaves them; returns whether they run (the build has AMX and Linux granted
 // the tile state).
 extern "C" int64_t kba_amx(int64_t enable) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if KBA_AMX
   if (enable >= 0) amx_enabled = enable != 0;
   return amx_enabled && amx_permitted();
 #else

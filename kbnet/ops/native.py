@@ -293,6 +293,8 @@ class _Layout:
         self.k = kernel_size
         self.gc = self.c // groups
         self.align = getattr(_lib(), f"kba_alignment_{_suffix(_accumulator(x.dtype))}")()
+        if x.dtype == torch.bfloat16:
+            self.align *= 2  # whole pairs of AMX tile rows: the tile kernels of grad_w take 32 positions a step
 
     def _round(self, n: int) -> int:
         return -(-n // self.align) * self.align

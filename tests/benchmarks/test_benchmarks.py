@@ -12,6 +12,7 @@ from kbnet.benchmarks import kba as kba_benchmark
 from kbnet.benchmarks import models as models_benchmark
 from kbnet.benchmarks.common import bf16_kernels, cpu_model, memory_supported
 from kbnet.errors import DataError
+from kbnet.ops import native
 from tests.helpers.tables import table_rows
 
 
@@ -31,7 +32,10 @@ def test_kba_benchmark_quick(capsys):
     assert all(re.fullmatch(r"\d+ %", cell) for row in rows for cell in row[18:20])  # share of the fp32 matmul rate
     assert cpu_model() in out and "matmul GFLOP/s: float32" in out and ", bfloat16" in out
     if bf16_kernels():
-        assert all(len(row) == 25 and re.fullmatch(r"\d+ %", row[24]) for row in rows)
+        amx = "AMX-BF16" in native.instruction_sets()  # then also the bf16 variant without the tile kernels
+        assert all(len(row) == 25 + 4 * amx and re.fullmatch(r"\d+ %", row[24]) for row in rows)
+        assert all(re.fullmatch(r"\d+\.\d\d×", cell) for row in rows for cell in row[27:29])
+        assert ("vdpbf16ps:" in out) == amx
     else:
         assert all(len(row) == 20 for row in rows) and "no AVX512_BF16" in out
     if memory_supported():

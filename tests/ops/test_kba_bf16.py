@@ -1,5 +1,5 @@
-"""The bf16 KBA kernels (AMX tiles and AVX512_BF16) against the float32 kernels, the AVX2 build against the machine's build, and
-the choice of the compute dtype under autocast."""
+"""The bf16 KBA kernels (AMX tiles and AVX512_BF16) against the float32 kernels, other builds (AVX2, AVX512_BF16
+without AMX) against the machine's build, and the choice of the compute dtype under autocast."""
 
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def bf16_path(request):
     (1, 16, 6, 7, 4, 2, 3),  # 8 channels per group, narrow: columns
     (1, 8, 8, 10, 32, 4, 3),  # 32 bases: grad_w's blocks of two vectors of bases
     (1, 4, 7, 12, 3, 2, 5),  # 5×5 kernels: single rows after grad_w's blocks of 12
+    (1, 8, 5, 6, 40, 2, 3),  # 4 per group, narrow (columns), 40 bases: two tiles of coefficient pairs on AMX
+    (2, 8, 6, 5, 6, 4, 3),  # 2 per group, narrow (columns)
 ])
 def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_last, b, c, h, w, nset, groups, k):
     """Same numbers in, float32 sums inside: the bf16 path differs from the float32 one only by summation order and
