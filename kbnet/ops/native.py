@@ -508,7 +508,8 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     nset = att.shape[1]
     dtypes = (x.dtype, att.dtype, weight.dtype, bias.dtype)
     bf16 = x.dtype == torch.bfloat16
-    ap, gp = lay.positions(att, "att"), lay.positions(grad_out, "grad_out")
+    # grad_out takes the planes of the forward's output (the same shape, unused by now): f+b holds one plane less
+    ap, gp = lay.positions(att, "att"), lay.positions(grad_out, "out")
     bias = bias.to(ap.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
