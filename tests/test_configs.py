@@ -97,7 +97,7 @@ def test_paper_recipes_compose_with_the_full_schedule(experiment: str, tmp_path:
     assert trainer.gradient_clip_val == 0.01 and trainer.gradient_clip_algorithm == "norm"
     assert cfg.global_batch_size == 64 and cfg.data.patch_size == 384
     assert cfg.module.optimizer == {"_target_": "torch.optim.AdamW", "lr": 3e-4, "weight_decay": 1e-4,
-                                    "betas": [0.9, 0.999]}
+                                    "betas": [0.9, 0.999], "fused": True}
     assert cfg.module.lr_schedule == {"periods": [92000, 208000], "eta_mins": [3e-4, 1e-6]}
     assert cfg.module.loss == "l1" and cfg.module.ema_decay is None and cfg.seed == 100
     assert cfg.torch_threads is None
