@@ -116,10 +116,8 @@ def peak_bytes(fn: Callable[[], object], warmup: Callable[[], object] | None = N
     """Peak resident memory of one call above the resident memory before it (call inside a worker).
 
     ``warmup`` (default: ``fn`` itself) runs first so one-time costs (library loading, caches) are not counted; a
-    smaller call of the same code spares a second run of a very large one. The KBA layout planes the warm-up left
-    for reuse (``kbnet.ops.native``) are freed first, so the call's peak includes them."""
+    smaller call of the same code spares a second run of a very large one."""
     (warmup or fn)()
-    native.release_scratch()
     Path("/proc/self/clear_refs").write_text("5")
     before = _memory_status()["VmRSS"]
     fn()

@@ -10,7 +10,9 @@ says why; ``kbnet.ops.kba`` then uses its pure-PyTorch implementation.
 
 The instruction set follows the build target (``instruction_sets()``): 64-byte vectors where it has AVX-512, else
 32-byte (AVX2); with AVX512_BF16 also bf16 kernels (``vdpbf16ps``, float32 sums), so ``native_dtypes()`` gains
-bfloat16 and bf16 autocast computes KBA in bf16 (``compute_dtype``).
+bfloat16 and bf16 autocast computes KBA in bf16 (``compute_dtype``); with AMX-BF16 (and Linux granting the tile
+state) the bf16 kernels of KBNet's group sizes run their basis products on AMX tiles (``amx_disabled`` turns that
+off, for comparisons).
 """
 
 from __future__ import annotations
@@ -19,13 +21,11 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,44 +197,15 @@ def supports(x: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> 
     return gc in GROUP_CHANNELS
 
 
-SCRATCH_BYTES = 512 * 2**20
-"""Most bytes of layout planes each thread keeps between calls. Fresh buffers of this size come from ``mmap``
-and fault every page in on first touch (a fifth of a 256² call, more with two images); reused ones do not.
-Planes beyond the limit are allocated per call."""
+def _planes(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+    """New layout planes, zeroed where a kernel accumulates into them."""
+    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
 
 
-class _Scratch(threading.local):
-    """The kernels' layout planes, one buffer per role, reused by the next call of this thread. They never leave
-    ``forward``/``backward``: every tensor returned is a new one."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        buffer = self.buffers.get(role)
-        if buffer is None or buffer.numel() < nbytes:
-            self.buffers.pop(role, None)
-            if sum(b.numel() for b in self.buffers.values()) + nbytes > SCRATCH_BYTES:
-                return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
-            buffer = self.buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
-        planes = buffer[:nbytes].view(dtype).view(shape)
-        return planes.zero_() if zero else planes
-
-
-_scratch = _Scratch()
-
-
-def release_scratch() -> None:
-    """Free this thread's kept layout planes (the memory benchmarks measure a call's peak with them)."""
-    _scratch.buffers.clear()
-
-
-def _pack(image: torch.Tensor, plane: int, base: int, row: int, role: str) -> torch.Tensor:
-    """(B, C, H, W) of any strides to (B, C, plane) in the scratch buffer ``role``: pixel (y, x) at
-    base + y·row + x, zeros elsewhere."""
+def _pack(image: torch.Tensor, plane: int, base: int, row: int) -> torch.Tensor:
+    """(B, C, H, W) of any strides to (B, C, plane): pixel (y, x) at base + y·row + x, zeros elsewhere."""
     b, c, h, w = image.shape
-    planes = _scratch.get(role, (b, c, plane), image.dtype)
+    planes = _planes((b, c, plane), image.dtype)
     getattr(_lib(), f"kba_pack_{_suffix(image.dtype)}")(image.data_ptr(), b, c, h, w, *image.stride(),
                                                           planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -250,11 +221,11 @@ def _unpack(planes: torch.Tensor, base: int, row: int, h: int, w: int, memory_fo
     return image
 
 
-def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool, role: str) -> torch.Tensor:
+def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs: bool) -> torch.Tensor:
     """``_pack`` of a float32 or bfloat16 image into float32 planes (B, C, plane), or with ``pairs`` into the bf16
     pair planes of the bf16 kernels (B, ⌈C/2⌉, plane) (see ``_Layout.pairs``)."""
     b, c, h, w = image.shape
-    planes = _scratch.get(role, (b, -(-c // 2) if pairs else c, plane), torch.int32 if pairs else torch.float32)
+    planes = _planes((b, -(-c // 2) if pairs else c, plane), torch.int32 if pairs else torch.float32)
     _lib().kba_pack_convert(image.data_ptr(), int(image.dtype == torch.bfloat16), int(pairs), b, c, h, w,
                             *image.stride(), planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -299,17 +270,17 @@ class _Layout:
     def _round(self, n: int) -> int:
         return -(-n // self.align) * self.align
 
-    def positions(self, t: torch.Tensor, role: str) -> torch.Tensor:
-        """(B, M, H, W) per-pixel values to (B, M, length) in the scratch buffer ``role``, zero where there is no
-        pixel; bfloat16 values become float32 (the dtype the kernels accumulate in)."""
+    def positions(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, M, H, W) per-pixel values to (B, M, length), zero where there is no pixel; bfloat16 values become
+        float32 (the dtype the kernels accumulate in)."""
         if t.dtype == torch.bfloat16:
-            return _pack_converted(t, self.length, 0, self.row, pairs=False, role=role)
-        return _pack(t, self.length, 0, self.row, role)
+            return _pack_converted(t, self.length, 0, self.row, pairs=False)
+        return _pack(t, self.length, 0, self.row)
 
-    def pair_positions(self, t: torch.Tensor, role: str) -> torch.Tensor:
+    def pair_positions(self, t: torch.Tensor) -> torch.Tensor:
         """(B, M, H, W) per-pixel values rounded to bf16 as (B, ⌈M/2⌉, length) pairs of consecutive channels (the
         even one in the low half; an odd M pairs the last channel with zeros)."""
-        return _pack_converted(t, self.length, 0, self.row, pairs=True, role=role)
+        return _pack_converted(t, self.length, 0, self.row, pairs=True)
 
     def pixels(self, tp: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None
                ) -> torch.Tensor:
@@ -363,14 +334,14 @@ class _PaddedRows(_Layout):
         self.offsets = (torch.arange(self.gc)[:, None] * self.chan_stride + taps[None, :]).flatten()
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
-        return _pack(x, self.chan_stride, self.base, self.row, "x")
+        return _pack(x, self.chan_stride, self.base, self.row)
 
     def pair_neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and self.c % 2 == 0 and _memory_format(x) == torch.channels_last:
             # Channels-last bf16 already holds the channel pairs: a transposing copy of 32-bit values.
             pairs = x.permute(0, 2, 3, 1).view(torch.float32).permute(0, 3, 1, 2)
-            return _pack(pairs, self.chan_stride, self.base, self.row, "x").view(torch.int32)
-        return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=True, role="x")
+            return _pack(pairs, self.chan_stride, self.base, self.row).view(torch.int32)
+        return _pack_converted(x, self.chan_stride, self.base, self.row, pairs=True)
 
     def input_grad(self, grad_buffer: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype
                    ) -> torch.Tensor:
@@ -394,7 +365,7 @@ class _Columns(_Layout):
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() if x.dtype == torch.bfloat16 else x
-        cols = _scratch.get("x", (self.b, self.c * self.k**2, self.length), x.dtype)
+        cols = _planes((self.b, self.c * self.k**2, self.length), x.dtype)
         getattr(_lib(), f"kba_unfold_{_suffix(x.dtype)}")(x.data_ptr(), *x.shape, *x.stride(), self.k,
                                                            cols.data_ptr(), self.length, _copy_threads(cols))
         return cols
@@ -481,16 +452,18 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
     lay = _layout(x, kernel_size, groups)
     nset = att.shape[1]
     if x.dtype == torch.bfloat16:
-        xp, ap = lay.pair_neighbourhoods(x), lay.positions(att, "att")
-        out = _scratch.get("out", (lay.b, lay.c, lay.length), torch.float32)
+        xp, ap = lay.pair_neighbourhoods(x), lay.positions(att)
+        out = _planes((lay.b, lay.c, lay.length), torch.float32)
         _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
               *_split_groups(lay, groups))
+        del xp, ap  # before the result is allocated: lower peak memory on large images
         return lay.pixels(out, _memory_format(x), torch.bfloat16)
-    xp, ap = lay.neighbourhoods(x), lay.positions(att, "att")
-    out = _scratch.get("out", (lay.b, lay.c, lay.length), x.dtype)
+    xp, ap = lay.neighbourhoods(x), lay.positions(att)
+    out = _planes((lay.b, lay.c, lay.length), x.dtype)
     _call("kba_forward", lay, nset, x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
           *lay.dims(nset), *_split_groups(lay, groups))
+    del xp, ap
     return lay.pixels(out, _memory_format(x))
 
 
@@ -508,12 +481,11 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     nset = att.shape[1]
     dtypes = (x.dtype, att.dtype, weight.dtype, bias.dtype)
     bf16 = x.dtype == torch.bfloat16
-    # grad_out takes the planes of the forward's output (the same shape, unused by now): f+b holds one plane less
-    ap, gp = lay.positions(att, "att"), lay.positions(grad_out, "out")
+    ap, gp = lay.positions(att), lay.positions(grad_out)
     bias = bias.to(ap.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
-    datt = _scratch.get("grad_att", (qblocks, lay.b, nset, lay.length), ap.dtype, zero=True)
+    datt = _planes((qblocks, lay.b, nset, lay.length), ap.dtype, zero=True)
     if bf16:  # one buffer of x for both kernels: the bf16 pairs the forward read
         xp, offsets = lay.pair_neighbourhoods(x), lay.pair_offsets()
         _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp,
@@ -525,17 +497,18 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
               qblocks)
     grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att), att.dtype)
 
-    dxp = _scratch.get("grad_x", (lay.b, lay.c, lay.chan_stride), ap.dtype, zero=lay.accumulates)
+    dxp = _planes((lay.b, lay.c, lay.chan_stride), ap.dtype, zero=lay.accumulates)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
     if bf16:
         position_pairs = _position_pairs(ap)
         _call("kba_grad_x_w", lay, nset, torch.bfloat16, xp, offsets, lay.offsets,
-              lay.pair_positions(att, "att_pairs"), position_pairs, position_pairs.shape[-1], gp, weight, dxp,
+              lay.pair_positions(att), position_pairs, position_pairs.shape[-1], gp, weight, dxp,
               grad_weight, *lay.dims(nset), int(lay.accumulates))
     else:
         _call("kba_grad_x_w", lay, nset, xp.dtype, xp, lay.offsets, ap, gp, weight, dxp, grad_weight,
               *lay.dims(nset), int(lay.accumulates))
     grad_bias = (ap @ gp.transpose(1, 2)).sum(0, keepdim=True)
+    del xp, ap, gp
     grads = (lay.input_grad(dxp, _memory_format(x), x.dtype), grad_att, grad_weight, grad_bias)
     return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
 
@@ -546,4 +519,4 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 __all__ = ["NativeBuildError", "amx_disabled", "available", "backward", "compute_dtype", "forward",
-           "instruction_sets", "native_dtypes", "release_scratch", "supports", "unavailable_reason"]
+           "instruction_sets", "native_dtypes", "supports", "unavailable_reason"]

@@ -7,7 +7,7 @@ import torch
 
 import kbnet.ops.kernel_basis as kba_module
 from kbnet.ops import kba, native
-from tests.helpers.kba import random_case, require_native
+from tests.helpers.kba import require_native
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def test_pack_unpack_round_trip(lib, dtype, memory_format, shape):
     row, base = w + 3, 2 * (w + 3) + 1
     plane = base + h * row + 5
     if dtype == torch.bfloat16:
-        planes = native._pack_converted(image, plane, base, row, pairs=False, role="test")
+        planes = native._pack_converted(image, plane, base, row, pairs=False)
     else:
-        planes = native._pack(image, plane, base, row, "test")
+        planes = native._pack(image, plane, base, row)
     expected = torch.zeros(b, c, plane, dtype=planes.dtype)
     expected[:, :, base:base + h * row].view(b, c, h, row)[..., :w] = image
     assert torch.equal(planes, expected)
@@ -128,22 +128,3 @@ def test_channels_last_bf16_pairs_are_the_converting_pack(lib):
     lay = native._layout(x, 3, 3)
     expected = lay.pair_neighbourhoods(x).clone()  # NCHW: the converting pack
     assert torch.equal(lay.pair_neighbourhoods(x.contiguous(memory_format=torch.channels_last)), expected)
-
-
-def test_layout_planes_are_reused_and_never_returned(lib, monkeypatch):
-    """The layout planes live in per-thread scratch buffers that later calls reuse; results never alias them."""
-    native.release_scratch()
-    (x, att, weight, bias), k, groups = random_case(c=8, h=9, w=12, dtype=torch.float32)
-    x, att, weight, bias = (t.detach() for t in (x, att, weight, bias))
-    first = native.forward(x, att, weight, bias, k, groups)
-    kept = {role: b.data_ptr() for role, b in native._scratch.buffers.items()}
-    assert {"x", "att", "out"} <= kept.keys()
-    snapshot = first.clone()
-    second = native.forward(x * 2, att, weight, bias, k, groups)
-    assert {role: b.data_ptr() for role, b in native._scratch.buffers.items()} == kept
-    assert torch.equal(first, snapshot)
-    monkeypatch.setattr(native, "SCRATCH_BYTES", 0)  # nothing kept: every plane allocated per call
-    native.release_scratch()
-    assert torch.equal(native.forward(x * 2, att, weight, bias, k, groups), second)
-    assert torch.equal(native.forward(x, att, weight, bias, k, groups), first)
-    assert native._scratch.buffers == {}
