@@ -688,7 +688,7 @@ template <typename T, int GC> struct GradXW {
   extern "C" void kba_pack_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,     \
                                     int64_t sb, int64_t sc, int64_t sh, int64_t sw, T* planes, int64_t plane,        \
                                     int64_t base, int64_t row, int threads) {                                        \
-    pack<T, T>(img, Image{batch, channels, height, width, sb, sc, sh, sw}, planes, plane, base, row, threads);          \
+    pack<T, T>(img, Image{batch, channels, height, width, sb, sc, sh, sw}, planes, plane, base, row, threads);       \
   }                                                                                                                  \
   extern "C" void kba_unfold_##SUFFIX(const T* img, int64_t batch, int64_t channels, int64_t height, int64_t width,   \
                                       int64_t sb, int64_t sc, int64_t sh, int64_t sw, int64_t k, T* cols,            \
@@ -703,7 +703,7 @@ template <typename T, int GC> struct GradXW {
   extern "C" void kba_unpack_##SUFFIX(const T* planes, int64_t plane, int64_t base, int64_t row, T* img,             \
                                       int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t sb,    \
                                       int64_t sc, int64_t sh, int64_t sw, int threads) {                             \
-    unpack<T, T>(planes, plane, base, row, img, Image{batch, channels, height, width, sb, sc, sh, sw}, threads);        \
+    unpack<T, T>(planes, plane, base, row, img, Image{batch, channels, height, width, sb, sc, sh, sw}, threads);     \
   }
 
 KBA_ENTRY_POINTS(float, f32)
@@ -815,8 +815,8 @@ inline void split_in_three(float v, uint32_t& hi_mid, uint32_t& lo) {
   lo = to_bf16(r1 - to_float(static_cast<uint16_t>(mid)));
 }
 
-// The A tiles of every group into the zeroed `a`, (G, MT, KT, 16, 16) pairs: row R = n·gc + r of group q holds W[n, q·gc + r] (J2
-// pairs), then its bias in three parts, then zeros; rows past N·gc are zero.
+// The A tiles of every group into the zeroed `a`, (G, MT, KT, 16, 16) pairs: row R = n·gc + r of group q holds
+// W[n, q·gc + r] (J2 pairs), then its bias in three parts, then zeros; rows past N·gc are zero.
 void pack_amx_bases(const Bf16Pair* w, const float* bias, const Dims& d, int64_t mt, int64_t kt, uint32_t* a) {
   const int64_t G = d.groups(), J2 = d.taps() / 2, gc = d.gc;
   for (int64_t q = 0; q < G; ++q)
@@ -860,6 +860,29 @@ inline void block_products(const uint32_t* a, int64_t kt, int cm, float (*cbuf)[
 }
 #undef KBA_TILE_PRODUCT
 
+// All C tiles of one block (A tiles from `a`, the B tiles loaded), each group of GC consecutive rows handed to
+// use(k, rows) with k = row / GC (a basis n in forward and grad_att, a tap j in grad_x) for k < count.
+template <int GC, typename Use>
+inline void row_groups(const uint32_t* a, int64_t mt, int64_t kt, int64_t count, float (*cbuf)[kTileSize], Use use) {
+  for (int64_t m = 0; m < mt; m += kCTiles) {
+    const int cm = static_cast<int>(std::min<int64_t>(kCTiles, mt - m));
+    block_products(a + m * kt * kTileSize, kt, cm, cbuf);
+    for (int c = 0; c < cm; ++c)
+      for (int i = 0; i < kTileRows; i += GC) {
+        const int64_t k = ((m + c) * kTileRows + i) / GC;
+        if (k >= count) return;
+        use(k, cbuf[c] + i * kTileWords);
+      }
+  }
+}
+
+// Σ_r w[r] · rows[r] over GC rows of 16 positions.
+template <int GC> inline __m512 weighted_rows(const float* rows, const __m512 (&w)[GC]) {
+  __m512 s = _mm512_mul_ps(_mm512_load_ps(rows), w[0]);
+  for (int r = 1; r < GC; ++r) s = _mm512_fmadd_ps(_mm512_load_ps(rows + r * kTileWords), w[r], s);
+  return s;
+}
+
 // forward (Grad false): out[r,p] = Σ_n a[n,p] · T[(n,r),p]; grad_att (Grad true): dpart[n,p] += Σ_r g[r,p] ·
 // T[(n,r),p]. Arguments, tasks and layouts as in forward and grad_att; `a` holds the packed A tiles.
 template <int GC, bool Grad>
@@ -896,25 +919,15 @@ void basis_tiles(const Bf16Pair* xp, const int64_t* off, const float* vp, const 
             v[r] = Grad ? _mm512_loadu_ps(vp + (b * d.channels + q * GC + r) * Lo + p) : acc[r];
           }
           float* d0 = out + ((qb * d.batch + b) * N) * Lo + p;
-          for (int64_t m = 0; m < mt; m += kCTiles) {
-            const int cm = static_cast<int>(std::min<int64_t>(kCTiles, mt - m));
-            block_products(aq + m * kt * kTileSize, kt, cm, cbuf);
-            for (int c = 0; c < cm; ++c)
-              for (int i = 0; i < kTileRows; i += GC) {
-                const int64_t n = ((m + c) * kTileRows + i) / GC;
-                if (n >= N) break;
-                if (Grad) {
-                  __m512 s = _mm512_mul_ps(_mm512_load_ps(cbuf[c] + i * kTileWords), v[0]);
-                  for (int r = 1; r < GC; ++r)
-                    s = _mm512_fmadd_ps(_mm512_load_ps(cbuf[c] + (i + r) * kTileWords), v[r], s);
-                  _mm512_storeu_ps(d0 + n * Lo, _mm512_add_ps(_mm512_loadu_ps(d0 + n * Lo), s));
-                } else {
-                  const __m512 an = _mm512_loadu_ps(vp + (b * N + n) * Lo + p);
-                  for (int r = 0; r < GC; ++r)
-                    acc[r] = _mm512_fmadd_ps(_mm512_load_ps(cbuf[c] + (i + r) * kTileWords), an, acc[r]);
-                }
-              }
-          }
+          row_groups<GC>(aq, mt, kt, N, cbuf, [&](int64_t n, const float* rows) {
+            if (Grad) {
+              const __m512 s = weighted_rows<GC>(rows, v);
+              _mm512_storeu_ps(d0 + n * Lo, _mm512_add_ps(_mm512_loadu_ps(d0 + n * Lo), s));
+            } else {
+              const __m512 an = _mm512_loadu_ps(vp + (b * N + n) * Lo + p);
+              for (int r = 0; r < GC; ++r) acc[r] = _mm512_fmadd_ps(_mm512_load_ps(rows + r * kTileWords), an, acc[r]);
+            }
+          });
           if (!Grad)
             for (int r = 0; r < GC; ++r) _mm512_storeu_ps(out + (b * d.channels + q * GC + r) * Lo + p, acc[r]);
         }
@@ -972,19 +985,11 @@ void scatter_tiles(const uint32_t* a2, int64_t n2count, const uint32_t* at, int6
     }
     __m512 g[GC];
     for (int r = 0; r < GC; ++r) g[r] = _mm512_loadu_ps(g0 + r * len + p);
-    for (int64_t m = 0; m < mt; m += kCTiles) {
-      const int cm = static_cast<int>(std::min<int64_t>(kCTiles, mt - m));
-      block_products(at + m * kt * kTileSize, kt, cm, cbuf);
-      for (int c = 0; c < cm; ++c)
-        for (int i = 0; i < kTileRows; i += GC) {
-          const int64_t j = ((m + c) * kTileRows + i) / GC;
-          if (j >= J) break;
-          __m512 s = _mm512_mul_ps(_mm512_load_ps(cbuf[c] + i * kTileWords), g[0]);
-          for (int r = 1; r < GC; ++r) s = _mm512_fmadd_ps(_mm512_load_ps(cbuf[c] + (i + r) * kTileWords), g[r], s);
-          float* dst = dx0 + off[j] + p;
-          _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), s) : s);
-        }
-    }
+    row_groups<GC>(at, mt, kt, J, cbuf, [&](int64_t j, const float* rows) {
+      const __m512 s = weighted_rows<GC>(rows, g);
+      float* dst = dx0 + off[j] + p;
+      _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), s) : s);
+    });
   }
 }
 
