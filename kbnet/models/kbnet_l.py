@@ -119,10 +119,11 @@ class TransAttention(nn.Module):
 
 
 def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """qᵀ·k of (B, heads, H·W, C/heads) token views. On the CPU one matrix product per image and head reads the
-    strided views in place, where a batched bf16 product first copies its transposed operand (10 ms at 96
-    channels, 256², more than the product); other devices take the batched product."""
-    if q.device.type != "cpu":
+    """qᵀ·k of (B, heads, H·W, C/heads) token views. In eager mode on the CPU one matrix product per image and head
+    reads the strided views in place, where a batched bf16 product first copies its transposed operand (10 ms at
+    96 channels, 256², more than the product). Other devices, and graphs being captured (``torch.export``,
+    ``torch.compile``: the loop would fix the batch size and strides), take the batched product."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return q.transpose(-2, -1) @ k
     return torch.stack([torch.stack([torch.mm(qh.t(), kh) for qh, kh in zip(qb, kb, strict=True)])
                         for qb, kb in zip(q, k, strict=True)])
