@@ -1227,7 +1227,7 @@ extern "C" int kba_grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const 
   return dispatch_gc<float, GradXWBf16>(gc, xp, poff, off, a2, at2, np, gp, w, dxp, dw, KBA_DIMS, accumulate != 0,
                                         threads);
 }
-// The AMX tile products of the bf16 forward and grad_att: `enable` 1 or 0 switches them on or off (tests and
+// The AMX tile products of the bf16 kernels: `enable` 1 or 0 switches them on or off (tests and
 // benchmarks compare both paths), -1 leaves them; returns whether they run (the build has AMX and Linux granted
 // the tile state).
 extern "C" int64_t kba_amx(int64_t enable) {

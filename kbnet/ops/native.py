@@ -159,8 +159,8 @@ def instruction_sets() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def amx_disabled() -> Iterator[None]:
-    """Run the bf16 forward and grad_att on ``vdpbf16ps`` instead of AMX tiles (the tests and benchmarks compare
-    both paths on a CPU with AMX); a no-op where the kernels have no AMX code."""
+    """Run the bf16 kernels on ``vdpbf16ps`` instead of AMX tiles (the tests and benchmarks compare both paths on a
+    CPU with AMX); a no-op where the kernels have no AMX code."""
     lib = _library()
     if isinstance(lib, NativeBuildError) or not lib.kba_isa() & 2:
         yield
@@ -197,15 +197,10 @@ def supports(x: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> 
     return gc in GROUP_CHANNELS
 
 
-def _planes(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-    """New layout planes, zeroed where a kernel accumulates into them."""
-    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
-
-
 def _pack(image: torch.Tensor, plane: int, base: int, row: int) -> torch.Tensor:
     """(B, C, H, W) of any strides to (B, C, plane): pixel (y, x) at base + y·row + x, zeros elsewhere."""
     b, c, h, w = image.shape
-    planes = _planes((b, c, plane), image.dtype)
+    planes = image.new_empty(b, c, plane)
     getattr(_lib(), f"kba_pack_{_suffix(image.dtype)}")(image.data_ptr(), b, c, h, w, *image.stride(),
                                                           planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -225,7 +220,7 @@ def _pack_converted(image: torch.Tensor, plane: int, base: int, row: int, pairs:
     """``_pack`` of a float32 or bfloat16 image into float32 planes (B, C, plane), or with ``pairs`` into the bf16
     pair planes of the bf16 kernels (B, ⌈C/2⌉, plane) (see ``_Layout.pairs``)."""
     b, c, h, w = image.shape
-    planes = _planes((b, -(-c // 2) if pairs else c, plane), torch.int32 if pairs else torch.float32)
+    planes = torch.empty(b, -(-c // 2) if pairs else c, plane, dtype=torch.int32 if pairs else torch.float32)
     _lib().kba_pack_convert(image.data_ptr(), int(image.dtype == torch.bfloat16), int(pairs), b, c, h, w,
                             *image.stride(), planes.data_ptr(), plane, base, row, _copy_threads(planes))
     return planes
@@ -365,7 +360,7 @@ class _Columns(_Layout):
 
     def neighbourhoods(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() if x.dtype == torch.bfloat16 else x
-        cols = _planes((self.b, self.c * self.k**2, self.length), x.dtype)
+        cols = x.new_empty(self.b, self.c * self.k**2, self.length)
         getattr(_lib(), f"kba_unfold_{_suffix(x.dtype)}")(x.data_ptr(), *x.shape, *x.stride(), self.k,
                                                            cols.data_ptr(), self.length, _copy_threads(cols))
         return cols
@@ -453,17 +448,17 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
     nset = att.shape[1]
     if x.dtype == torch.bfloat16:
         xp, ap = lay.pair_neighbourhoods(x), lay.positions(att)
-        out = _planes((lay.b, lay.c, lay.length), torch.float32)
+        out = torch.empty(lay.b, lay.c, lay.length)
         _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
               _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
               *_split_groups(lay, groups))
-        del xp, ap  # before the result is allocated: lower peak memory on large images
+        del xp, ap
         return lay.pixels(out, _memory_format(x), torch.bfloat16)
     xp, ap = lay.neighbourhoods(x), lay.positions(att)
-    out = _planes((lay.b, lay.c, lay.length), x.dtype)
+    out = x.new_empty(lay.b, lay.c, lay.length)
     _call("kba_forward", lay, nset, x.dtype, xp, lay.offsets, ap, weight.contiguous(), bias.contiguous(), out,
           *lay.dims(nset), *_split_groups(lay, groups))
-    del xp, ap
+    del xp, ap  # before the result is allocated: lower peak memory on large images
     return lay.pixels(out, _memory_format(x))
 
 
@@ -485,7 +480,7 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     bias = bias.to(ap.dtype).contiguous()
 
     parts, qblocks = _split_groups(lay, groups)
-    datt = _planes((qblocks, lay.b, nset, lay.length), ap.dtype, zero=True)
+    datt = ap.new_zeros(qblocks, lay.b, nset, lay.length)
     if bf16:  # one buffer of x for both kernels: the bf16 pairs the forward read
         xp, offsets = lay.pair_neighbourhoods(x), lay.pair_offsets()
         _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp,
@@ -497,7 +492,7 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
               qblocks)
     grad_att = lay.pixels(datt.sum(0) if qblocks > 1 else datt[0], _memory_format(att), att.dtype)
 
-    dxp = _planes((lay.b, lay.c, lay.chan_stride), ap.dtype, zero=lay.accumulates)
+    dxp = (ap.new_zeros if lay.accumulates else ap.new_empty)(lay.b, lay.c, lay.chan_stride)
     grad_weight = torch.empty_like(weight)  # the kernel writes every value
     if bf16:
         position_pairs = _position_pairs(ap)
