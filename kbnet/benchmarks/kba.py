@@ -137,7 +137,7 @@ def worker(payload: dict) -> dict:
 
 
 def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, threads: int, memory: bool,
-            bf16: bool = False) -> list[dict]:
+            bf16: bool = False, no_amx: bool = False) -> list[dict]:
     peaks = {impl: run_worker("kbnet.benchmarks.kba", {"impl": impl, "threads": threads,
                                                  "cases": [asdict(c) for c in selected]}, threads)["peaks"]
              for impl in impls} if memory else {}
@@ -150,7 +150,7 @@ def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, thread
             variants = {impl: step(case, impl, mode == "fwd+bwd", tensors, grad) for impl in impls}
             if bf16:
                 variants[BF16] = step(case, impls[0], mode == "fwd+bwd", tensors, grad, bf16=True)
-            if bf16 and "AMX-BF16" in native.instruction_sets():
+            if no_amx:
                 variants[NO_AMX] = step(case, impls[0], mode == "fwd+bwd", tensors, grad, bf16=True, amx=False)
             row[mode] = time_calls(variants, repeats)
         row["peak"] = {impl: peaks[impl][i] for impl in peaks}
@@ -201,10 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = comparison(parser, args, REPEATS)
     impls, repeats = run.impls, run.repeats
     torch.set_num_threads(args.threads)
-    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, run.memory, run.bf16)
+    no_amx = run.bf16 and "AMX-BF16" in native.instruction_sets()  # then also time bf16 without the tiles
+    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, run.memory, run.bf16, no_amx)
     rates = matmul_rates(1024 if args.quick else 2048)
     bf16_note = run.bf16_note(f"{impls[0]} under bf16 autocast (bf16 kernels, float32 sums)")
-    if run.bf16 and "AMX-BF16" in native.instruction_sets():
+    if no_amx:
         bf16_note += "; vdpbf16ps: the same without the AMX tile kernels, AMX × = vdpbf16ps / bf16"
     print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "

@@ -782,10 +782,11 @@ std::atomic<bool> amx_enabled{true};
 
 int64_t amx_k_tiles(const Dims& d) { return (d.taps() / 2 + 2 + kTileWords - 1) / kTileWords; }
 
-// Tile products for KBNet's group sizes (2 and 4 channels) where the pair-taps and the bias fit two B tiles.
-bool amx_handles(const Dims& d) {
-  return amx_enabled && (d.gc == 2 || d.gc == 4) && amx_k_tiles(d) <= kMaxKTiles && amx_permitted();
-}
+// Tile kernels exist for KBNet's group sizes (2 and 4 channels), when switched on and granted by Linux.
+bool amx_usable(const Dims& d) { return amx_enabled && (d.gc == 2 || d.gc == 4) && amx_permitted(); }
+
+// The forward and grad_att on tiles: where the pair-taps and the bias fit two B tiles.
+bool amx_handles(const Dims& d) { return amx_usable(d) && amx_k_tiles(d) <= kMaxKTiles; }
 
 // Eight tiles of 16 rows × 64 bytes on this thread for the scope's lifetime, released after (so the kernel
 // saves no tile state on a context switch).
@@ -860,6 +861,16 @@ inline void block_products(const uint32_t* a, int64_t kt, int cm, float (*cbuf)[
 }
 #undef KBA_TILE_PRODUCT
 
+// Stages `count` rows of 16 pairs (row k read at row(k)) in the B tiles' buffer and loads tiles 6 and 7 from it;
+// the buffer's later rows keep what they hold (zeros, or basis_tiles' rows of ones).
+template <typename Row>
+inline void load_b_tiles(uint32_t (&stage)[kMaxKTiles][kTileSize], int64_t count, int64_t kt, Row row) {
+  for (int64_t k = 0; k < count; ++k)
+    _mm512_store_si512(&stage[k / kTileRows][k % kTileRows * kTileWords], _mm512_loadu_si512(row(k)));
+  _tile_loadd(6, stage[0], 64);
+  if (kt > 1) _tile_loadd(7, stage[1], 64);
+}
+
 // All C tiles of one block (A tiles from `a`, the B tiles loaded), each group of GC consecutive rows handed to
 // use(k, rows) with k = row / GC (a basis n in forward and grad_att, a tap j in grad_x) for k < count.
 template <int GC, typename Use>
@@ -908,11 +919,7 @@ void basis_tiles(const Bf16Pair* xp, const int64_t* off, const float* vp, const 
         const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
         const uint32_t* aq = a + q * mt * kt * kTileSize;
         for (int64_t p = begin; p < end; p += kTileRows) {
-          for (int64_t j2 = 0; j2 < J2; ++j2)
-            _mm512_store_si512(&stage[j2 / kTileWords][j2 % kTileWords * kTileWords],
-                               _mm512_loadu_si512(x0 + off[j2] + p));
-          _tile_loadd(6, stage[0], 64);
-          if (kt > 1) _tile_loadd(7, stage[1], 64);
+          load_b_tiles(stage, J2, kt, [&](int64_t j2) { return x0 + off[j2] + p; });
           __m512 v[GC], acc[GC];
           for (int r = 0; r < GC; ++r) {
             acc[r] = _mm512_setzero_ps();
@@ -949,10 +956,9 @@ bool amx_call(const Bf16Pair* xp, const int64_t* off, const float* vp, const Bf1
   return true;
 }
 
-// The bf16 grad_x_w on tiles (KBNet's group sizes, at most 64 bases, positions in whole pairs of tile rows).
+// The bf16 grad_x_w on tiles: at most 64 bases (two B tiles of pairs), positions in whole pairs of tile rows.
 bool amx_grad_handles(const Dims& d) {
-  return amx_enabled && (d.gc == 2 || d.gc == 4) && d.nset <= 2 * kMaxKTiles * kTileWords &&
-         d.len % (2 * kTileRows) == 0 && amx_permitted();
+  return amx_usable(d) && d.nset <= 2 * kMaxKTiles * kTileWords && d.len % (2 * kTileRows) == 0;
 }
 
 // grad_x's A tiles (MT, KT, 16, 16) of one group from its basis pairs wp[R][n2], R = j·gc + r (see
@@ -977,11 +983,8 @@ void scatter_tiles(const uint32_t* a2, int64_t n2count, const uint32_t* at, int6
     if (direct) {
       _tile_loadd(6, a2 + p, len * 4);
       if (kt > 1) _tile_loadd(7, a2 + kTileRows * len + p, len * 4);
-    } else {
-      for (int64_t n2 = 0; n2 < n2count; ++n2)
-        _mm512_store_si512(&stage[n2 / kTileRows][n2 % kTileRows * kTileWords], _mm512_loadu_si512(a2 + n2 * len + p));
-      _tile_loadd(6, stage[0], 64);
-      if (kt > 1) _tile_loadd(7, stage[1], 64);
+    } else {  // zero rows past the pairs
+      load_b_tiles(stage, n2count, kt, [&](int64_t n2) { return a2 + n2 * len + p; });
     }
     __m512 g[GC];
     for (int r = 0; r < GC; ++r) g[r] = _mm512_loadu_ps(g0 + r * len + p);
