@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kbnet.models.layers import (
+    GlobalAvgPool2d,
     KernelBasisAttention,
     LayerNorm2d,
     SimpleGate,
@@ -42,7 +43,7 @@ class MFF(nn.Module):
         self.dwconv = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=bias),
                                     nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias))
         self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
-        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, hidden, 1, bias=True))
+        self.sca = nn.Sequential(GlobalAvgPool2d(), nn.Conv2d(dim, hidden, 1, bias=True))
         self.conv1 = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=bias),
                                    nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias))
         self.conv2 = nn.Sequential(nn.Conv2d(dim, interc, 3, padding=1, groups=interc, bias=True), SimpleGate(),

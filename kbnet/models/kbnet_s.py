@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kbnet.models.layers import (
+    GlobalAvgPool2d,
     KernelBasisAttention,
     LayerNorm2d,
     SimpleGate,
@@ -49,7 +50,7 @@ class KBBlockS(nn.Module):
         self.gamma = scale_parameter(c)
         self.norm1 = LayerNorm2d(c)
         self.norm2 = LayerNorm2d(c)
-        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))
+        self.sca = nn.Sequential(GlobalAvgPool2d(), nn.Conv2d(c, c, 1))
         if lightweight:
             spatial = nn.Conv2d(c, c, 3, padding=1, groups=c)
         else:

@@ -8,7 +8,7 @@ import torch
 
 from kbnet.models import create_model
 from kbnet.models.kbnet_l import TransAttention
-from kbnet.models.layers import KernelBasisAttention, LayerNorm2d, is_channels_last
+from kbnet.models.layers import GlobalAvgPool2d, KernelBasisAttention, LayerNorm2d, is_channels_last
 from kbnet.ops import native, use_kba
 from tests.helpers.reference import relative_error
 
@@ -41,6 +41,63 @@ def test_layer_norm_channels_last_equals_the_plain_formula():
     y_last.backward(grad)
     assert relative_error(x_last.grad, x.grad) < 1e-12
     assert relative_error(norm.weight.grad, weight_grad) < 1e-12
+
+
+def affine_norm(channels: int) -> LayerNorm2d:
+    torch.manual_seed(0)
+    norm = LayerNorm2d(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    return norm
+
+
+def test_layer_norm_inference_under_autocast_normalises_the_bf16_map_directly():
+    """Without autograd the bf16 map is normalised as it is (float32 statistics inside the kernel, float32 affine
+    parameters): the float32 norm rounded to bf16, channels-last, with no float32 copy of the map."""
+    norm = affine_norm(16)
+    x = (torch.randn(2, 16, 6, 7) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    expected = norm(x.float())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.profiler.profile() as prof:
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and is_channels_last(y)
+    assert (y.float() - expected).abs().max() <= expected.abs().max() * 2**-8
+    assert not [e.name for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")]
+
+
+def test_layer_norm_training_under_autocast_keeps_float32_gradients():
+    """With autograd the norm runs in float32 (PyTorch's mixed-dtype backward sums the affine gradients in low
+    precision, 5 % off over a 64² map), so its gradients are those of a float32 norm of the same bf16 input."""
+    norm, reference = affine_norm(16), affine_norm(16)
+    x = torch.randn(1, 16, 64, 64).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(1, 16, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(grad)
+    reference(x.float()).backward(grad)
+    assert relative_error(norm.weight.grad, reference.weight.grad) < 1e-2
+    assert relative_error(norm.bias.grad, reference.bias.grad) < 1e-2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_average_pool_equals_adaptive_pooling(channels_last):
+    x = torch.randn(2, 12, 9, 7, dtype=torch.float64, requires_grad=True)
+    x_in = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y, expected = GlobalAvgPool2d()(x_in), torch.nn.functional.adaptive_avg_pool2d(x, 1)
+    assert y.shape == (2, 12, 1, 1) and relative_error(y, expected) < 1e-14
+    grad = torch.randn_like(y)
+    (x_grad,) = torch.autograd.grad(y, x, grad)
+    assert relative_error(x_grad, grad.expand_as(x) / 63) < 1e-14
+
+
+def test_global_average_pool_of_a_bf16_map_sums_in_float32():
+    """A bf16 sum over 64² pixels near 100 would lose every digit; the float32 accumulation keeps bf16 precision."""
+    x = (torch.rand(1, 8, 64, 64, dtype=torch.float64) + 100).bfloat16().contiguous(memory_format=torch.channels_last)
+    y = GlobalAvgPool2d()(x)
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y.double(), x.double().mean((2, 3), keepdim=True)) < 2**-8
 
 
 @pytest.mark.parametrize("heads", [1, 2])
