@@ -107,7 +107,7 @@ def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f} %" if whole > 0 else "n/a"
 
 
-def _memory_status() -> dict[str, int]:
+def memory_status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
     return {key: int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
 
@@ -119,9 +119,9 @@ def peak_bytes(fn: Callable[[], object], warmup: Callable[[], object] | None = N
     smaller call of the same code spares a second run of a very large one."""
     (warmup or fn)()
     Path("/proc/self/clear_refs").write_text("5")
-    before = _memory_status()["VmRSS"]
+    before = memory_status()["VmRSS"]
     fn()
-    return max(0, _memory_status()["VmHWM"] - before)
+    return max(0, memory_status()["VmHWM"] - before)
 
 
 def memory_supported() -> bool:
@@ -134,10 +134,11 @@ def import_path() -> str:
     return os.pathsep.join(dict.fromkeys([str(IMPORT_ROOT), *given]))
 
 
-def run_worker(module: str, payload: dict, threads: int) -> dict:
+def run_worker(module: str, payload: dict, threads: int, env: dict[str, str] | None = None) -> dict:
     """Run ``worker(payload)`` of the benchmark ``module`` in a fresh process (``kbnet.benchmarks.worker``) and
-    return its result."""
-    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": import_path()}
+    return its result. ``env`` replaces the glibc settings of the memory measurements (``WORKER_ENV``)."""
+    env = {**os.environ, **(WORKER_ENV if env is None else env), "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": import_path()}
     command = [sys.executable, "-m", "kbnet.benchmarks.worker", module, json.dumps(payload)]
     result = subprocess.run(command, cwd=IMPORT_ROOT, env=env, capture_output=True, text=True)
     if result.returncode:

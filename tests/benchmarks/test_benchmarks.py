@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 
+from kbnet import allocator
+from kbnet.benchmarks import allocator as allocator_benchmark
 from kbnet.benchmarks import command
 from kbnet.benchmarks import kba as kba_benchmark
 from kbnet.benchmarks import models as models_benchmark
@@ -55,6 +57,18 @@ def test_models_benchmark_quick(capsys):
         assert [row[0] for row in memory] == ["kbnet_s_tiny", "kbnet_l_tiny"]
         # largest image within the budget; "-" when the tiny quick sizes measure the same peak
         assert all(re.fullmatch(r"\d+²|-", row[8]) for row in memory)
+
+
+@pytest.mark.skipif(not allocator.supported() or not memory_supported(), reason="compares glibc malloc settings")
+def test_allocator_benchmark_quick(capsys):
+    allocator_benchmark.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "kbnet_")
+    tasks = ["train step, float32", "train step, bf16 autocast", "inference, float32"]
+    assert [(row[0], row[1]) for row in rows] == [(m, t) for m in ("kbnet_s_tiny", "kbnet_l_tiny") for t in tasks]
+    assert all(re.fullmatch(r"\d+\.\d\d×", row[5]) and re.fullmatch(r"\d+\.\d\d×", row[10]) for row in rows)
+    assert all(int(row[6]) >= 0 and int(row[7]) >= 0 and float(row[8]) >= 0 for row in rows)
+    assert cpu_model() in out
 
 
 def test_largest_side_is_linear_in_pixels():
