@@ -861,14 +861,24 @@ inline void block_products(const uint32_t* a, int64_t kt, int cm, float (*cbuf)[
 }
 #undef KBA_TILE_PRODUCT
 
-// Stages `count` rows of 16 pairs (row k read at row(k)) in the B tiles' buffer and loads tiles 6 and 7 from it;
-// the buffer's later rows keep what they hold (zeros, or basis_tiles' rows of ones).
-template <typename Row>
-inline void load_b_tiles(uint32_t (&stage)[kMaxKTiles][kTileSize], int64_t count, int64_t kt, Row row) {
+using Stage = uint32_t[kMaxKTiles][kTileSize];
+
+// Stages `count` rows of 16 pairs (row k read at row(k)) in a B tiles' buffer; its later rows keep what they hold
+// (zeros, or basis_tiles' rows of ones).
+template <typename Row> inline void stage_rows(Stage& stage, int64_t count, Row row) {
   for (int64_t k = 0; k < count; ++k)
     _mm512_store_si512(&stage[k / kTileRows][k % kTileRows * kTileWords], _mm512_loadu_si512(row(k)));
+}
+
+// Tiles 6 and 7 from a staged buffer.
+inline void load_staged(const Stage& stage, int64_t kt) {
   _tile_loadd(6, stage[0], 64);
   if (kt > 1) _tile_loadd(7, stage[1], 64);
+}
+
+template <typename Row> inline void load_b_tiles(Stage& stage, int64_t count, int64_t kt, Row row) {
+  stage_rows(stage, count, row);
+  load_staged(stage, kt);
 }
 
 // All C tiles of one block (A tiles from `a`, the B tiles loaded), each group of GC consecutive rows handed to
@@ -904,11 +914,14 @@ void basis_tiles(const Bf16Pair* xp, const int64_t* off, const float* vp, const 
 #pragma omp parallel num_threads(threads)
   {
     const TileScope tiles;
-    alignas(64) uint32_t stage[kMaxKTiles][kTileSize] = {};
+    // Two B buffers: the next block is staged while this one's tiles multiply, so a tile load never waits for
+    // the vector stores that staged it (a tile load cannot take their values from the store buffer).
+    alignas(64) Stage stage[2] = {};
     alignas(64) float cbuf[kCTiles][kTileSize];
-    // the rows of ones against the bias parts; the rows past them stay zero
-    std::fill_n(&stage[J2 / kTileWords][J2 % kTileWords * kTileWords], kTileWords, kOnes);
-    std::fill_n(&stage[(J2 + 1) / kTileWords][(J2 + 1) % kTileWords * kTileWords], kTileWords, kOneLow);
+    for (Stage& st : stage) {  // the rows of ones against the bias parts; the rows past them stay zero
+      std::fill_n(&st[J2 / kTileWords][J2 % kTileWords * kTileWords], kTileWords, kOnes);
+      std::fill_n(&st[(J2 + 1) / kTileWords][(J2 + 1) % kTileWords * kTileWords], kTileWords, kOneLow);
+    }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < d.batch * parts * qblocks; ++t) {
       const int64_t b = Grad ? t / parts % d.batch : t / (parts * qblocks);
@@ -918,8 +931,11 @@ void basis_tiles(const Bf16Pair* xp, const int64_t* off, const float* vp, const 
       for (int64_t q = qb * per_qblock; q < std::min(G, (qb + 1) * per_qblock); ++q) {
         const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
         const uint32_t* aq = a + q * mt * kt * kTileSize;
-        for (int64_t p = begin; p < end; p += kTileRows) {
-          load_b_tiles(stage, J2, kt, [&](int64_t j2) { return x0 + off[j2] + p; });
+        auto neighbourhood = [&](int64_t p) { return [=](int64_t j2) { return x0 + off[j2] + p; }; };
+        stage_rows(stage[0], J2, neighbourhood(begin));
+        for (int64_t p = begin, i = 0; p < end; p += kTileRows, i ^= 1) {
+          load_staged(stage[i], kt);
+          if (p + kTileRows < end) stage_rows(stage[i ^ 1], J2, neighbourhood(p + kTileRows));
           __m512 v[GC], acc[GC];
           for (int r = 0; r < GC; ++r) {
             acc[r] = _mm512_setzero_ps();
