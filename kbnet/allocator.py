@@ -42,9 +42,8 @@ def supported() -> bool:
 
 def retain_freed_memory() -> bool:
     """Keep freed memory in the process for reuse (no ``mmap`` blocks, no heap trimming) unless
-    ``$KBNET_RETAIN_FREED_MEMORY`` is ``0``;
-    returns whether it is in effect. Process-wide and one-way, so only entry points call it; a no-op off glibc
-    (macOS, musl), whose allocators are left as they are."""
+    ``$KBNET_RETAIN_FREED_MEMORY`` is ``0``; returns whether it is in effect. Process-wide and one-way, so only entry
+    points call it; a no-op off glibc (macOS, musl), whose allocators are left as they are."""
     global _retained
     value = os.environ.get(ENV, "1").strip()
     if value not in ("0", "1"):

@@ -5,7 +5,7 @@
 
 Measured per preset and setting: the median of training steps at 128², batch 2 (float32 and bf16 autocast; the
 setting ``train.py`` runs with) after warm-up steps, and one inference pass over images of changing sizes (float32;
-what ``kbnet-restore`` and ``kbnet-evaluate`` would see, which is why they keep glibc's default), with the page
+what ``kbnet-restore`` and ``evaluate.py`` would see, which is why they keep glibc's default), with the page
 faults per step or pass and the process's peak resident memory.
 """
 
@@ -38,7 +38,6 @@ from kbnet.markdown import markdown_table
 
 FULL = {"models": ("kbnet_s_sidd", "kbnet_l"), "train": 128, "steps": (2, 3), "sizes": (256, 512, 384, 448, 320, 512)}
 QUICK = {"models": ("kbnet_s_tiny", "kbnet_l_tiny"), "train": 16, "steps": (1, 2), "sizes": (16, 32, 24)}
-SETTINGS = ("glibc default", "retained")
 
 
 def _faults() -> int:
