@@ -48,7 +48,7 @@ def probe(setting: str | None) -> tuple[bool, int]:
 
 @needs_glibc
 def test_repeated_passes_reuse_freed_memory_instead_of_faulting_it_in_again():
-    """glibc's default returns the activations' blocks to the kernel (17 000–150 000 faults measured for these
+    """glibc's default returns the activations' blocks to the kernel (29 000–150 000 faults measured for these
     passes); kept for reuse they fault 20× less or not at all. ``0`` keeps the default."""
     (retained, faults), (default_kept, default_faults) = probe(None), probe("0")
     assert retained and not default_kept
