@@ -62,10 +62,8 @@ def test_a_bad_setting_is_refused_naming_the_variable(monkeypatch):
 
 
 def test_training_keeps_freed_memory_for_reuse(tmp_path: Path, monkeypatch):
-    import kbnet.training
-
     calls = []
-    monkeypatch.setattr(kbnet.training, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("kbnet.training.retain_freed_memory", lambda: calls.append(1) or True)
     train(compose_train(*tiny_run_overrides(tmp_path / "run"), "trainer.max_steps=1",
                         "trainer.val_check_interval=1"))
     assert calls == [1]

@@ -31,7 +31,7 @@ from kbnet.benchmarks.common import (
     ratio,
     run_worker,
 )
-from kbnet.benchmarks.models import build, inference, training_step
+from kbnet.benchmarks.models import TRAIN_BATCH, build, inference, training_step
 from kbnet.cli import user_errors
 from kbnet.errors import UserError
 from kbnet.markdown import markdown_table
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t_default, t_retained = sum(default["seconds"]), sum(retained["seconds"])
                 f_default, f_retained = sum(default["faults"]), sum(retained["faults"])
             else:
-                label, shape = f"train step, {'bf16 autocast' if task == 'bf16' else 'float32'}", f"{setup['train']}²×2"
+                label = f"train step, {'bf16 autocast' if task == 'bf16' else 'float32'}"
+                shape = f"{setup['train']}²×{TRAIN_BATCH}"
                 t_default, t_retained = (statistics.median(r["seconds"]) for r in (default, retained))
                 f_default, f_retained = (int(statistics.median(r["faults"])) for r in (default, retained))
             rows.append([name, label, shape, ms(t_default), ms(t_retained), ratio(t_default, t_retained),
