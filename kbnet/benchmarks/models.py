@@ -15,6 +15,7 @@ image each variant restores in one piece within the memory budget comes from the
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from kbnet.benchmarks.common import (
     time_calls,
 )
 from kbnet.cli import user_errors
+from kbnet.inference import inference_model
 from kbnet.inference.loading import model_size_multiple
 from kbnet.markdown import markdown_table
 from kbnet.models import create_model
@@ -56,7 +58,11 @@ def build(name: str) -> torch.nn.Module:
 
 
 def inference(model: torch.nn.Module, impl: str, size: int, bf16: bool = False):
+    """One pass on a size² image; bf16 runs a bfloat16 copy of the model under autocast, as ``kbnet-restore
+    --precision bf16`` does (``inference_model``)."""
     x = torch.rand(1, 3, size, size)
+    if bf16:
+        model = inference_model(copy.deepcopy(model), torch.device("cpu"), "bf16")
 
     def run() -> None:
         with torch.no_grad(), use_kba(impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -11,7 +11,7 @@ from kbnet.inference.loading import (
     model_size_multiple,
 )
 from kbnet.inference.memory import MemoryProfile, forward_peak_bytes, plan_tile, profile_model
-from kbnet.inference.restorer import Restorer, resolve_device
+from kbnet.inference.restorer import Restorer, inference_model, resolve_device
 from kbnet.inference.tiling import blended_forward, official_tiled_forward, window_starts
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "dihedral",
     "dihedral_inverse",
     "forward_peak_bytes",
+    "inference_model",
     "load_model",
     "model_channels",
     "model_from_checkpoint",

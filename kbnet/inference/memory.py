@@ -83,11 +83,12 @@ class AllocationTracker(TorchDispatchMode):
 def forward_peak_bytes(model: nn.Module, channels: int, height: int, width: int) -> int:
     """Peak bytes of tensors created by one batch-1 forward pass at (channels, height, width), input included.
 
-    The weights are swapped for meta tensors for the duration of the call, so the measurement allocates nothing
-    and leaves the model untouched wherever it lives.
+    The weights are swapped for float32 meta tensors for the duration of the call, so the measurement allocates
+    nothing and leaves the model untouched wherever it lives; a bfloat16 model is measured as float32 (an upper
+    bound for its bf16 autocast pass).
     """
-    meta_state = {name: torch.empty_like(t, device="meta") for name, t in
-                  [*model.named_parameters(), *model.named_buffers()]}
+    meta_state = {name: torch.empty_like(t, device="meta", dtype=torch.float32 if t.is_floating_point() else t.dtype)
+                  for name, t in [*model.named_parameters(), *model.named_buffers()]}
     x = torch.empty(1, channels, height, width, device="meta")
     tracker = AllocationTracker()
     with torch.inference_mode(), tracker:

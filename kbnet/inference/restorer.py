@@ -47,6 +47,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def inference_model(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
+    """``model`` as the restorer runs it, changed in place: on ``device``, in eval mode and, for ``bf16``, with its
+    floating-point weights in bfloat16. Under autocast every convolution would otherwise cast its float32 weight
+    again on every pass, into fresh memory whose pages fault in: with a KBNet_s on the CPU the casts of the 1×1
+    convolutions of the 1024-channel middle blocks take longer than those convolutions. Statistics (layer norms,
+    KBA and attention sums) stay float32 inside the kernels either way."""
+    model = model.to(device).eval()
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if dtypes - {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ConfigError(f"precision fp32 needs float32 weights, but the model holds {names} weights (a bf16 "
+                          f"Restorer converts its model in place; load the model again for fp32)")
+    return model
+
+
 @dataclass
 class Restorer:
     """Restore (1, C, H, W) float images with ``model``.
@@ -56,7 +73,8 @@ class Restorer:
         device: where the network runs; inputs and outputs stay on the host.
         precision: ``fp32``, or ``bf16`` autocast (CUDA, or a CPU with AVX512_BF16, where KBA runs in the bf16
             kernels; KBNet is not float16-safe: spandrel, which ships KBNet, marks it half-unsafe and
-            bfloat16-safe).
+            bfloat16-safe). ``bf16`` converts the model's weights to bfloat16 in place (see
+            ``inference_model``), so the model then needs ``bf16`` restorers.
         tile: ``"auto"`` tiles only when the image would exceed ``max_memory_bytes``; ``None``/0 never tiles; an
             integer tiles at that size (rounded down to the model's size multiple in blend mode).
         tile_overlap: pixels shared by neighbouring tiles (blend) or the centre-crop margin (official).
@@ -93,7 +111,7 @@ class Restorer:
             raise ConfigError("the official tiling needs a fixed tile size (e.g. 1024), not auto")
         if not (self.tile in (AUTO, None) or (isinstance(self.tile, int) and self.tile >= 0)):
             raise ConfigError(f"tile must be 'auto', null/0 (never tile) or a positive size, got {self.tile!r}")
-        self.model = self.model.to(self.device).eval()
+        self.model = inference_model(self.model, self.device, self.precision)
         self.channels = model_channels(self.model)
         self.multiple = model_size_multiple(self.model)
         self._forward = torch.compile(self.model, dynamic=False) if self.compile else self.model

@@ -321,6 +321,14 @@ def test_restorer_pads_to_the_protocol_multiple_then_crops():
     torch.testing.assert_close(Restorer(net, tile=None, pad_multiple=8)(x), expected, rtol=0, atol=1e-6)
 
 
+def test_memory_probe_of_a_bf16_model_is_its_float32_pass():
+    """The meta-device probe runs a bfloat16 model (a bf16 restorer's) as float32: no dtype clash without autocast,
+    and an upper bound on the bf16 pass."""
+    net = tiny_model()
+    expected = forward_peak_bytes(net, 3, 32, 32)
+    assert forward_peak_bytes(net.to(torch.bfloat16), 3, 32, 32) == expected
+
+
 def test_restorer_self_ensemble_averages_the_eight_passes():
     net = tiny_model()
     x = rand(1, 3, 24, 32)

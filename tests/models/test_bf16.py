@@ -92,6 +92,20 @@ def test_restorer_bf16_on_the_cpu_uses_the_bf16_kernels(kba_dtypes):
     assert kba_dtypes and set(kba_dtypes) == {torch.bfloat16}
 
 
+def test_bf16_restorer_holds_bf16_weights_and_its_model_then_refuses_fp32():
+    """A bf16 restorer converts the weights once (no per-pass casts); its model then needs bf16, and an fp32
+    restorer says so by name instead of failing inside a convolution."""
+    require_bf16()
+    torch.manual_seed(0)
+    net = create_model("kbnet_s_tiny", width=8)
+    restorer = Restorer(net, precision="bf16", tile=None)
+    assert restorer.model is net
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    assert restorer(smooth_image(32)).dtype == torch.float32
+    with pytest.raises(ValueError, match="float32 weights, but the model holds bfloat16"):
+        Restorer(net, precision="fp32", tile=None)
+
+
 def test_bf16_mixed_training_uses_the_bf16_kernels(tmp_path: Path, kba_dtypes):
     require_bf16()
     data = PairsData(clean_train=False, size=16, val_size=24)
