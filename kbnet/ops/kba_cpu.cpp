@@ -635,14 +635,43 @@ void pack_pairs(const S* img, Image im, uint32_t* planes, int64_t plane, int64_t
   }
 }
 
-// Kernel bases (N, C, gc, k²) of S as (N, C, gc/2·k²) bf16 pairs of consecutive in-channels (see Bf16Pair).
-template <typename S> void pair_bases(const S* w, int64_t rows, int64_t gc, int64_t k2, uint32_t* out) {
+// Kernel bases in the official layout (N, C, gc, k²), float32 or bf16 bits as the caller holds them, read as bf16
+// pairs of consecutive in-channels (see Bf16Pair): pair j2 = (s2, t) of row nc = n·C + c.
+struct BasesSource {
+  const void* w;
+  bool bf16;
+  int64_t gc, k2;
+  uint32_t value(int64_t i) const {
+    return bf16 ? static_cast<const uint16_t*>(w)[i] : to_bf16(static_cast<const float*>(w)[i]);
+  }
+  uint32_t pair(int64_t nc, int64_t j2) const {
+    const int64_t i = (nc * gc + 2 * (j2 / k2)) * k2 + j2 % k2;
+    return value(i) | value(i + k2) << 16;
+  }
+};
+
+// The bases as (N, C, gc/2·k²) pairs.
+inline void pair_bases(const BasesSource& w, int64_t rows, uint32_t* out) {
+  const int64_t J2 = w.gc / 2 * w.k2;
   for (int64_t nc = 0; nc < rows; ++nc)
-    for (int64_t s2 = 0; s2 < gc / 2; ++s2)
-      for (int64_t t = 0; t < k2; ++t) {
-        const S* src = w + (nc * gc + 2 * s2) * k2 + t;
-        out[(nc * gc / 2 + s2) * k2 + t] = to_bf16(to_float(src[0])) | to_bf16(to_float(src[k2])) << 16;
-      }
+    for (int64_t j2 = 0; j2 < J2; ++j2) out[nc * J2 + j2] = w.pair(nc, j2);
+}
+
+// Scratch words of the calling thread, kept between calls (slot: one buffer per use): the packed bases of every
+// KBA call in fresh memory would fault their pages in each time (about a millisecond for the 4 MB of a
+// 1024-channel level). Not zeroed: users write every word they read.
+template <int Slot> uint32_t* reused_words(int64_t n) {
+  thread_local struct Store {
+    uint32_t* p = nullptr;
+    int64_t n = 0;
+    ~Store() { std::free(p); }
+  } store;
+  if (n > store.n) {
+    std::free(store.p);
+    store.p = static_cast<uint32_t*>(std::aligned_alloc(64, (n * sizeof(uint32_t) + 63) / 64 * 64));
+    store.n = n;
+  }
+  return store.p;
 }
 
 template <typename T, template <typename, int> class F, typename... A>
@@ -734,10 +763,6 @@ extern "C" void kba_pack_convert(const void* img, int64_t bf16, int64_t pairs, K
   else if (pairs) pack_pairs(f, KBA_IMAGE, pp, plane, base, row, threads);
   else pack<float, float>(f, KBA_IMAGE, fp, plane, base, row, threads);
 }
-extern "C" void kba_pair_bases(const void* w, int64_t bf16, int64_t rows, int64_t gc, int64_t k2, uint32_t* out) {
-  if (bf16) pair_bases(static_cast<const uint16_t*>(w), rows, gc, k2, out);
-  else pair_bases(static_cast<const float*>(w), rows, gc, k2, out);
-}
 extern "C" void kba_unpack_to_bf16(const float* planes, int64_t plane, int64_t base, int64_t row, uint16_t* img,
                                    KBA_IMAGE_ARGS, int threads) {
   unpack<float, uint16_t>(planes, plane, base, row, img, KBA_IMAGE, threads);
@@ -816,18 +841,22 @@ inline void split_in_three(float v, uint32_t& hi_mid, uint32_t& lo) {
   lo = to_bf16(r1 - to_float(static_cast<uint16_t>(mid)));
 }
 
-// The A tiles of every group into the zeroed `a`, (G, MT, KT, 16, 16) pairs: row R = n·gc + r of group q holds
-// W[n, q·gc + r] (J2 pairs), then its bias in three parts, then zeros; rows past N·gc are zero.
-void pack_amx_bases(const Bf16Pair* w, const float* bias, const Dims& d, int64_t mt, int64_t kt, uint32_t* a) {
-  const int64_t G = d.groups(), J2 = d.taps() / 2, gc = d.gc;
-  for (int64_t q = 0; q < G; ++q)
+// The A tiles of every group into `a`, (G, MT, KT, 16, 16) pairs, every word written: row R = n·gc + r of group q
+// holds W[n, q·gc + r] (J2 pairs), then its bias in three parts, then zeros; rows past N·gc are zero.
+void pack_amx_bases(const BasesSource& w, const float* bias, const Dims& d, int64_t mt, int64_t kt, uint32_t* a,
+                    int threads) {
+  const int64_t G = d.groups(), J2 = d.taps() / 2, gc = d.gc, block = mt * kt * kTileSize;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t q = 0; q < G; ++q) {
+    std::fill_n(a + q * block, block, 0u);
     for (int64_t R = 0; R < d.nset * gc; ++R) {
       const int64_t n = R / gc, c = q * gc + R % gc;
       uint32_t* row = a + (q * mt + R / kTileRows) * kt * kTileSize + R % kTileRows * kTileWords;
       auto at = [&](int64_t j2) -> uint32_t& { return row[j2 / kTileWords * kTileSize + j2 % kTileWords]; };
-      for (int64_t j2 = 0; j2 < J2; ++j2) at(j2) = w[(n * d.channels + c) * J2 + j2].bits;
+      for (int64_t j2 = 0; j2 < J2; ++j2) at(j2) = w.pair(n * d.channels + c, j2);
       split_in_three(bias[n * d.channels + c], at(J2), at(J2 + 1));
     }
+  }
 }
 
 // C tile c += A tile (a) · B tile b through A register t, for the literal tile numbers the instructions need.
@@ -961,14 +990,14 @@ void basis_tiles(const Bf16Pair* xp, const int64_t* off, const float* vp, const 
 
 // The AMX forward (Grad false) or grad_att (Grad true) of one call; false where amx_handles says no.
 template <bool Grad>
-bool amx_call(const Bf16Pair* xp, const int64_t* off, const float* vp, const Bf16Pair* w, const float* bias,
+bool amx_call(const Bf16Pair* xp, const int64_t* off, const float* vp, const BasesSource& w, const float* bias,
               float* out, const Dims& d, int64_t parts, int64_t qblocks, int threads) {
   if (!amx_handles(d)) return false;
   const int64_t kt = amx_k_tiles(d), mt = (d.nset * d.gc + kTileRows - 1) / kTileRows;
-  Buffer<uint32_t> a(d.groups() * mt * kt * kTileSize);
-  pack_amx_bases(w, bias, d, mt, kt, a.data());
-  if (d.gc == 2) basis_tiles<2, Grad>(xp, off, vp, a.data(), out, d, parts, qblocks, threads);
-  else basis_tiles<4, Grad>(xp, off, vp, a.data(), out, d, parts, qblocks, threads);
+  uint32_t* a = reused_words<0>(d.groups() * mt * kt * kTileSize);
+  pack_amx_bases(w, bias, d, mt, kt, a, threads);
+  if (d.gc == 2) basis_tiles<2, Grad>(xp, off, vp, a, out, d, parts, qblocks, threads);
+  else basis_tiles<4, Grad>(xp, off, vp, a, out, d, parts, qblocks, threads);
   return true;
 }
 
@@ -1047,7 +1076,7 @@ inline void accumulate_tiles(const uint16_t* v, int64_t vs, int64_t rows, const 
 }
 #else
 inline bool amx_grad_handles(const Dims&) { return false; }
-template <bool Grad> bool amx_call(const Bf16Pair*, const int64_t*, const float*, const Bf16Pair*, const float*,
+template <bool Grad> bool amx_call(const Bf16Pair*, const int64_t*, const float*, const BasesSource&, const float*,
                                    float*, const Dims&, int64_t, int64_t, int) {
   return false;
 }
@@ -1222,20 +1251,34 @@ template <typename T, int GC> struct GradXWBf16 {
 };
 }  // namespace
 
-// xp: (B, C/2, chan_stride) pairs, w: (N, C, gc/2·k²) pairs, off: the gc/2·k² pair-tap offsets; the rest float32.
-extern "C" int kba_forward_bf16(const Bf16Pair* xp, const int64_t* off, const float* ap, const Bf16Pair* w,
-                                const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
-                                int threads) {
-  if (gc == 1) return -1;
-  if (amx_call<false>(xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads)) return 0;
-  return dispatch_gc<float, ForwardBf16>(gc, xp, off, ap, w, bias, out, KBA_DIMS, parts, qblocks, threads);
+namespace {
+// The bf16 forward (Grad false) or grad_att (Grad true): on AMX tiles packed straight from the bases, else with the
+// bases as pairs for vdpbf16ps.
+template <bool Grad>
+int basis_call(const Bf16Pair* xp, const int64_t* off, const float* vp, const BasesSource& w, const float* bias,
+               float* out, const Dims& d, int64_t parts, int64_t qblocks, int threads) {
+  if (d.gc == 1) return -1;
+  if (amx_call<Grad>(xp, off, vp, w, bias, out, d, parts, qblocks, threads)) return 0;
+  auto* pairs = reinterpret_cast<Bf16Pair*>(reused_words<1>(d.nset * d.basis_size() / 2));
+  pair_bases(w, d.nset * d.channels, &pairs->bits);
+  if (Grad) return dispatch_gc<float, GradAttBf16>(d.gc, xp, off, vp, pairs, bias, out, d, parts, qblocks, threads);
+  return dispatch_gc<float, ForwardBf16>(d.gc, xp, off, vp, pairs, bias, out, d, parts, qblocks, threads);
 }
-extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const float* gp, const Bf16Pair* w,
-                                 const float* bias, float* dpart, KBA_DIMS_ARGS, int64_t parts, int64_t qblocks,
-                                 int threads) {
-  if (gc == 1) return -1;
-  if (amx_call<true>(xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads)) return 0;
-  return dispatch_gc<float, GradAttBf16>(gc, xp, off, gp, w, bias, dpart, KBA_DIMS, parts, qblocks, threads);
+}  // namespace
+
+// xp: (B, C/2, chan_stride) pairs, off: the gc/2·k² pair-tap offsets, w: the bases (N, C·gc·k²) in float32 or
+// (`w_bf16`) bf16 bits, rounded to bf16 as they are read; the rest float32.
+extern "C" int kba_forward_bf16(const Bf16Pair* xp, const int64_t* off, const float* ap, const void* w,
+                                int64_t w_bf16, const float* bias, float* out, KBA_DIMS_ARGS, int64_t parts,
+                                int64_t qblocks, int threads) {
+  const BasesSource bases{w, w_bf16 != 0, gc, ksize * ksize};
+  return basis_call<false>(xp, off, ap, bases, bias, out, KBA_DIMS, parts, qblocks, threads);
+}
+extern "C" int kba_grad_att_bf16(const Bf16Pair* xp, const int64_t* off, const float* gp, const void* w,
+                                 int64_t w_bf16, const float* bias, float* dpart, KBA_DIMS_ARGS, int64_t parts,
+                                 int64_t qblocks, int threads) {
+  const BasesSource bases{w, w_bf16 != 0, gc, ksize * ksize};
+  return basis_call<true>(xp, off, gp, bases, bias, dpart, KBA_DIMS, parts, qblocks, threads);
 }
 // xp: pairs as in kba_forward_bf16 (poff their offsets), dxp: (B, C, chan_stride) float32 (off its offsets),
 // a2 and at2: coefficient pairs (see grad_x_w_bf16), gp: float32 of bf16 values, w: float32 bf16-rounded bases.

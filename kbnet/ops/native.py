@@ -102,12 +102,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kba_isa.argtypes, lib.kba_isa.restype = [], i64
     if lib.kba_isa() & 2:
-        lib.kba_forward_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
-        lib.kba_grad_att_bf16.argtypes = [ptr] * 6 + [i64] * 9 + [i32]
+        lib.kba_forward_bf16.argtypes = [ptr] * 4 + [i64] + [ptr] * 2 + [i64] * 9 + [i32]
+        lib.kba_grad_att_bf16.argtypes = [ptr] * 4 + [i64] + [ptr] * 2 + [i64] * 9 + [i32]
         lib.kba_grad_x_w_bf16.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 8 + [i32]
         lib.kba_amx.argtypes, lib.kba_amx.restype = [i64], i64
     lib.kba_pack_convert.argtypes = [ptr] + [i64] * 10 + [ptr] + [i64] * 3 + [i32]
-    lib.kba_pair_bases.argtypes = [ptr] + [i64] * 4 + [ptr]
     lib.kba_unpack_to_bf16.argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
     for suffix in ("f32", "f64"):
         getattr(lib, f"kba_forward_{suffix}").argtypes = [ptr] * 6 + [i64] * 9 + [i32]
@@ -390,13 +389,11 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def _pair_bases(weight: torch.Tensor, channels: int, gc: int, k: int) -> torch.Tensor:
-    """Kernel bases (1, N, C·gc·k²) rounded to bf16 as (N, C, gc/2·k²) pairs of consecutive in-channels."""
+def _bf16_bases(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The bases as the bf16 kernels read them (contiguous float32 or bfloat16, rounded to bf16 as they are read)
+    and the flag that says which."""
     weight = weight.contiguous() if weight.dtype == torch.bfloat16 else weight.float().contiguous()
-    out = torch.empty(weight.shape[1], channels, gc // 2 * k * k, dtype=torch.int32)
-    _lib().kba_pair_bases(weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.shape[1] * channels, gc,
-                          k * k, out.data_ptr())
-    return out
+    return weight, int(weight.dtype == torch.bfloat16)
 
 
 def _position_pairs(ap: torch.Tensor) -> torch.Tensor:
@@ -449,9 +446,8 @@ def forward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torc
     if x.dtype == torch.bfloat16:
         xp, ap = lay.pair_neighbourhoods(x), lay.positions(att)
         out = torch.empty(lay.b, lay.c, lay.length)
-        _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap,
-              _pair_bases(weight, lay.c, lay.gc, kernel_size), bias.float().contiguous(), out, *lay.dims(nset),
-              *_split_groups(lay, groups))
+        _call("kba_forward", lay, nset, x.dtype, xp, lay.pair_offsets(), ap, *_bf16_bases(weight),
+              bias.float().contiguous(), out, *lay.dims(nset), *_split_groups(lay, groups))
         del xp, ap
         return lay.pixels(out, _memory_format(x), torch.bfloat16)
     xp, ap = lay.neighbourhoods(x), lay.positions(att)
@@ -483,8 +479,8 @@ def backward(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: tor
     datt = ap.new_zeros(qblocks, lay.b, nset, lay.length)
     if bf16:  # one buffer of x for both kernels: the bf16 pairs the forward read
         xp, offsets = lay.pair_neighbourhoods(x), lay.pair_offsets()
-        _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp,
-              _pair_bases(weight, lay.c, lay.gc, kernel_size), bias, datt, *lay.dims(nset), parts, qblocks)
+        _call("kba_grad_att", lay, nset, torch.bfloat16, xp, offsets, gp, *_bf16_bases(weight), bias, datt,
+              *lay.dims(nset), parts, qblocks)
         weight = weight.to(torch.bfloat16).float()
     else:
         xp, weight = lay.neighbourhoods(x), weight.contiguous()

@@ -94,6 +94,26 @@ def test_bf16_kernels_match_the_float32_kernels(monkeypatch, split, channels_las
             assert g16.dtype == torch.float32 and relative_error(g16, g32) < 1e-6, name
 
 
+@pytest.mark.usefixtures("bf16_path")
+def test_bf16_bases_are_read_as_given_and_reused_scratch_leaves_no_trace():
+    """The kernels read the bases in the dtype the caller holds (float32, or bfloat16 from a bf16 inference model)
+    with the same results, and the packed bases they keep between calls, still holding a larger call's words when
+    a smaller one follows, change nothing."""
+    small, small_grad = bf16_case(1, 8, 9, 12, 40, 2)  # 4 channels per group, padded rows
+    big, big_grad = bf16_case(1, 64, 9, 12, 32, 16)  # six times the packed words of the small case
+
+    def run(case, grad, groups, bases_dtype=torch.float32):
+        x, att, weight, bias = case
+        args = (x.bfloat16(), att.bfloat16(), weight.to(bases_dtype), bias.to(bases_dtype))
+        return [native.forward(*args, 3, groups), *native.backward(*args, grad.bfloat16(), 3, groups)]
+
+    first = run(small, small_grad, 2)
+    run(big, big_grad, 16)
+    for again in (run(small, small_grad, 2), run(small, small_grad, 2, torch.bfloat16)):
+        for i, (a, b) in enumerate(zip(first, again, strict=True)):  # gradients come in the dtype of their input
+            assert torch.equal(a.to(b.dtype), b), i
+
+
 def weight_grad_of_rounded_products(x, att, grad, groups, k=3):
     """The bases' gradient Σ_p a·bf16(grad_out·u) in float64: the sum the bf16 kernels compute in float32."""
     b, c, h, w = x.shape
