@@ -10,6 +10,7 @@ from torch import nn
 
 from kbnet.models.layers import (
     GlobalAvgPool2d,
+    GroupedConv2d,
     KernelBasisAttention,
     LayerNorm2d,
     SimpleGate,
@@ -46,7 +47,7 @@ class MFF(nn.Module):
         self.sca = nn.Sequential(GlobalAvgPool2d(), nn.Conv2d(dim, hidden, 1, bias=True))
         self.conv1 = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=bias),
                                    nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias))
-        self.conv2 = nn.Sequential(nn.Conv2d(dim, interc, 3, padding=1, groups=interc, bias=True), SimpleGate(),
+        self.conv2 = nn.Sequential(GroupedConv2d(dim, interc, 3, padding=1, groups=interc, bias=True), SimpleGate(),
                                    nn.Conv2d(interc // 2, nset, 1, bias=True))
         self.conv211 = nn.Conv2d(dim, nset, 1, bias=True)
         self.kba = KernelBasisAttention(kernel_size, hidden // group_channels)

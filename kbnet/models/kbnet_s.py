@@ -9,6 +9,7 @@ from torch import nn
 
 from kbnet.models.layers import (
     GlobalAvgPool2d,
+    GroupedConv2d,
     KernelBasisAttention,
     LayerNorm2d,
     SimpleGate,
@@ -54,11 +55,11 @@ class KBBlockS(nn.Module):
         if lightweight:
             spatial = nn.Conv2d(c, c, 3, padding=1, groups=c)
         else:
-            spatial = nn.Conv2d(c, c, 5, padding=2, groups=c // SPATIAL_GROUP_CHANNELS)
+            spatial = GroupedConv2d(c, c, 5, padding=2, groups=c // SPATIAL_GROUP_CHANNELS)
         self.conv11 = nn.Sequential(nn.Conv2d(c, c, 1), spatial)
         self.conv1 = nn.Conv2d(c, c, 1)
         self.conv21 = nn.Conv2d(c, c, 3, padding=1, groups=c)
-        self.conv2 = nn.Sequential(nn.Conv2d(c, interc, 3, padding=1, groups=interc), SimpleGate(),
+        self.conv2 = nn.Sequential(GroupedConv2d(c, interc, 3, padding=1, groups=interc), SimpleGate(),
                                    nn.Conv2d(interc // 2, nset, 1))
         self.conv211 = nn.Conv2d(c, nset, 1)
         self.kba = KernelBasisAttention(kernel_size, c // group_channels)

@@ -77,6 +77,48 @@ def scaled_add(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.T
     return torch.addcmul(x, y, scale.to(torch.promote_types(x.dtype, y.dtype)))
 
 
+MERGED_GROUP_CHANNELS = 16
+"""Input channels per group that oneDNN's bf16 (AMX) convolutions fill: they pad every group to this many."""
+
+
+class GroupedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` for a few channels per group (KBNet_s's 5×5 spatial convolution, the 3×3 convolutions that
+    predict the fusion coefficients), with the same parameters and results.
+
+    oneDNN's bf16 convolutions on the CPU pad every group to 16 input and output channels, so with 2 or 4 per group
+    most of the AMX work multiplies zeros and bf16 is no faster than float32. In bf16 on the CPU (bf16 input or
+    autocast) ``m`` neighbouring groups therefore run as one group of 16 input channels with a block-diagonal
+    weight: the same products plus exact zeros, 2-4× faster (``block_diagonal``). Other dtypes and devices run the
+    plain grouped convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merge = self._merge(x)
+        if merge == 1:
+            return super().forward(x)
+        return F.conv2d(x, block_diagonal(self.weight, self.groups, merge), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups // merge)
+
+    def _merge(self, x: torch.Tensor) -> int:
+        per_group = self.in_channels // self.groups
+        low = x.dtype == torch.bfloat16 or _autocast_low_precision(x) == torch.bfloat16
+        if x.device.type != "cpu" or not low or self.padding_mode != "zeros" or per_group >= MERGED_GROUP_CHANNELS \
+                or MERGED_GROUP_CHANNELS % per_group:
+            return 1
+        merge = MERGED_GROUP_CHANNELS // per_group
+        return merge if self.groups % merge == 0 else 1
+
+
+def block_diagonal(weight: torch.Tensor, groups: int, merge: int) -> torch.Tensor:
+    """The weight (O, I/g, k, k) of a convolution with ``groups`` groups as the weight (O, merge·I/g, k, k) of one
+    with ``groups / merge`` groups: each output channel keeps its group's kernel at its group's place among the
+    ``merge`` merged groups and zeros elsewhere. A product (differentiable), so training gets the gradient too."""
+    out_channels = weight.shape[0]
+    place = torch.arange(out_channels, device=weight.device) // (out_channels // groups) % merge
+    mask = F.one_hot(place, merge).to(weight.dtype)
+    return (mask[:, :, None, None, None] * weight[:, None]).flatten(1, 2)
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether a 4-D tensor is laid out (B, H, W, C) in memory (and not also plain contiguous, as 1×1 maps are)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

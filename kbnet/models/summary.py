@@ -53,12 +53,15 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], include_matmul: boo
         counters.update({KernelBasisAttention: _kba_macs, TransAttention: _attention_macs})
     total = 0
 
+    def counter(module: nn.Module):  # subclasses count as their base (GroupedConv2d is a Conv2d)
+        return next((count for cls, count in counters.items() if isinstance(module, cls)), None)
+
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        total += counters[type(module)](module, inputs, output)
+        total += counter(module)(module, inputs, output)
 
     meta_model = model if next(model.parameters()).is_meta else copy.deepcopy(model).to("meta")
-    handles = [m.register_forward_hook(hook) for m in meta_model.modules() if type(m) in counters]
+    handles = [m.register_forward_hook(hook) for m in meta_model.modules() if counter(m) is not None]
     try:
         with torch.no_grad():
             meta_model(torch.empty(1, *input_shape, device="meta"))

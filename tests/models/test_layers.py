@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kbnet.models import create_model
+from kbnet.models import create_model, layers
 from kbnet.models.kbnet_l import TransAttention
-from kbnet.models.layers import GlobalAvgPool2d, KernelBasisAttention, LayerNorm2d, is_channels_last
+from kbnet.models.layers import (
+    GlobalAvgPool2d,
+    GroupedConv2d,
+    KernelBasisAttention,
+    LayerNorm2d,
+    block_diagonal,
+    is_channels_last,
+)
 from kbnet.ops import native, use_kba
 from tests.helpers.reference import relative_error
 
@@ -98,6 +106,48 @@ def test_global_average_pool_of_a_bf16_map_sums_in_float32():
     y = GlobalAvgPool2d()(x)
     assert y.dtype == torch.bfloat16
     assert relative_error(y.double(), x.double().mean((2, 3), keepdim=True)) < 2**-8
+
+
+@pytest.mark.parametrize("in_channels, out_channels, groups, merge", [
+    (16, 16, 4, 4),  # KBNet_s's 5×5 spatial convolution: 4 in, 4 out per group
+    (16, 8, 8, 8),  # the fusion-coefficient convolutions: 2 in, 1 out per group
+    (24, 12, 6, 2),  # 4 in, 2 out per group, merged in pairs
+])
+def test_block_diagonal_weight_gives_the_grouped_convolution_and_its_gradients(in_channels, out_channels, groups,
+                                                                                merge):
+    torch.manual_seed(0)
+    x = torch.randn(2, in_channels, 7, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_channels, in_channels // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, out_channels, 7, 9, dtype=torch.float64)
+    expected = F.conv2d(x, w, padding=1, groups=groups)
+    expected_grads = torch.autograd.grad(expected, (x, w), grad)
+    merged = F.conv2d(x, block_diagonal(w, groups, merge), padding=1, groups=groups // merge)
+    assert relative_error(merged, expected) < 1e-12
+    for got, want in zip(torch.autograd.grad(merged, (x, w), grad), expected_grads, strict=True):
+        assert relative_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("case", ["float32", "bf16 input", "bf16 autocast"])
+def test_grouped_conv_merges_groups_only_in_bf16_on_the_cpu(monkeypatch, case):
+    """In bf16 the merged convolution runs (oneDNN pads each group to 16 channels) and gives the plain grouped
+    convolution's result within bf16 rounding; float32 runs the plain convolution unchanged."""
+    torch.manual_seed(0)
+    conv = GroupedConv2d(32, 32, 5, padding=2, groups=8)
+    x = torch.randn(1, 32, 12, 12).contiguous(memory_format=torch.channels_last)
+    merges = []
+    monkeypatch.setattr(layers, "block_diagonal", lambda w, g, m: merges.append(m) or block_diagonal(w, g, m))
+    with torch.no_grad():
+        expected = F.conv2d(x, conv.weight, conv.bias, padding=2, groups=8)
+        if case == "float32":
+            assert torch.equal(conv(x), expected) and not merges
+            return
+        if case == "bf16 input":
+            out = conv.to(torch.bfloat16)(x.bfloat16())
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(x)
+    assert merges == [4] and out.dtype == torch.bfloat16
+    assert relative_error(out.float(), expected) < 2**-7
 
 
 @pytest.mark.parametrize("heads", [1, 2])
