@@ -54,9 +54,9 @@ def inference_model(model: nn.Module, device: torch.device, precision: Precision
     convolutions of the 1024-channel middle blocks take longer than those convolutions. Statistics (layer norms,
     KBA and attention sums) stay float32 inside the kernels either way."""
     model = model.to(device).eval()
-    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     if precision == "bf16":
         return model.to(torch.bfloat16)
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     if dtypes - {torch.float32}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise ConfigError(f"precision fp32 needs float32 weights, but the model holds {names} weights (a bf16 "
