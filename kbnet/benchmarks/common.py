@@ -58,13 +58,17 @@ def time_calls(fns: dict[str, Callable[[], object]], repeats: int, warmup: int =
 
 
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BF16_MATMUL_FEATURES = ("AVX512_BF16", "AMX-BF16")
+"""The instruction sets oneDNN runs a bf16 matrix product on; without them it is emulated at a few GFLOP/s, so a
+2048² product takes tens of seconds and its rate says nothing about the machine."""
 
 
 def matmul_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of a large matrix product per dtype (float32, bfloat16), interleaved: the compute ceiling of each
-    dtype (bf16 runs on oneDNN's AVX512_BF16 or AMX code where the CPU has it, else emulated)."""
+    """GFLOP/s of a large matrix product per dtype (float32, and bfloat16 where the CPU has bf16 instructions),
+    interleaved: the compute ceiling of each dtype."""
+    bf16 = any(isa in cpu_instruction_sets() for isa in BF16_MATMUL_FEATURES)
     pairs = {name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
-             for name, dtype in MATMUL_DTYPES.items()}
+             for name, dtype in MATMUL_DTYPES.items() if bf16 or dtype != torch.bfloat16}
     timing = time_calls({name: (lambda a=a, b=b: a @ b) for name, (a, b) in pairs.items()}, repeats)
     return {name: 2 * size**3 / t.wall / 1e9 for name, t in timing.items()}
 
@@ -206,5 +210,7 @@ def machine_line(threads: int, rates: dict[str, float]) -> str:
     """CPU, its instruction sets, the KBA kernels' instruction sets and the matmul rates of the run."""
     kernels = ", ".join(native.instruction_sets()) or f"unavailable: {native.unavailable_reason()}"
     mm = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+    if "bfloat16" not in rates:
+        mm += ", bfloat16 not measured (no bf16 instructions: emulated)"
     return (f"{cpu_model()} ({', '.join(cpu_instruction_sets()) or 'no AVX2'}; KBA kernels: {kernels}), torch "
             f"{torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); matmul GFLOP/s: {mm}")

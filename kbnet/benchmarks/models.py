@@ -43,6 +43,7 @@ from kbnet.inference import inference_model
 from kbnet.inference.loading import model_size_multiple
 from kbnet.markdown import markdown_table
 from kbnet.models import create_model
+from kbnet.models.registry import preset_kwargs
 from kbnet.models.summary import count_macs, count_parameters
 from kbnet.ops import use_kba
 
@@ -128,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else FULL
     models = args.models or setup["models"]
+    for name in models:
+        preset_kwargs(name)  # an unknown name fails now, not after minutes of measuring the presets before it
     run = comparison(parser, args, REPEATS)
     impls, repeats, memory, bf16 = run.impls, run.repeats, run.memory, run.bf16
     torch.set_num_threads(args.threads)

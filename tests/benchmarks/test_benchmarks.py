@@ -9,10 +9,10 @@ import torch
 
 from kbnet import allocator
 from kbnet.benchmarks import allocator as allocator_benchmark
-from kbnet.benchmarks import command
+from kbnet.benchmarks import command, common
 from kbnet.benchmarks import kba as kba_benchmark
 from kbnet.benchmarks import models as models_benchmark
-from kbnet.benchmarks.common import bf16_kernels, cpu_model, memory_supported
+from kbnet.benchmarks.common import bf16_kernels, cpu_model, machine_line, matmul_rates, memory_supported
 from kbnet.errors import DataError
 from kbnet.ops import native
 from tests.helpers.tables import table_rows
@@ -119,7 +119,22 @@ def test_a_user_error_in_a_benchmark_is_one_line_and_status_2(monkeypatch, capsy
     assert capsys.readouterr().err == "error: no such case file\n"
 
 
-def test_an_unknown_model_is_one_line_and_status_2(capsys):
-    assert command.main(["models", "--models", "kbnet_x"]) == 2
+def test_an_unknown_model_is_one_line_and_status_2_before_anything_is_measured(monkeypatch, capsys):
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the model names were checked")
+
+    monkeypatch.setattr(models_benchmark, "matmul_rates", measured)
+    assert command.main(["models", "--models", "kbnet_s_tiny", "kbnet_x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'kbnet_x'; available: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("isas", [["AVX2"], ["AVX2", "AVX-512", "AVX512_BF16"], ["AVX2", "AMX", "AMX-BF16"]])
+def test_the_bf16_matmul_rate_is_measured_only_on_cpus_with_bf16_instructions(monkeypatch, isas):
+    monkeypatch.setattr(common, "cpu_instruction_sets", lambda: isas)
+    rates = matmul_rates(size=64, repeats=1)
+    has_bf16 = len(isas) > 1
+    assert sorted(rates) == ["bfloat16", "float32"][not has_bf16:] and all(r > 0 for r in rates.values())
+    line = machine_line(1, rates)
+    assert ("bfloat16 not measured (no bf16 instructions: emulated)" in line) != has_bf16
+    assert re.search(r"matmul GFLOP/s: float32 \d+, bfloat16 ", line)
