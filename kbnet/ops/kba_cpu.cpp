@@ -57,9 +57,6 @@ template <typename T> constexpr int kLanes = kVecBytes / sizeof(T);
 template <typename T> using Tile = typename VecOf<T, 32>::type;
 template <typename T> constexpr int kTileLanes = 32 / sizeof(T);
 
-// Positions per chunk of the grad_x / grad_w kernel: one sweep of either part then reads 16 KB of a·g products,
-// which stay in L1 for the next taps.
-constexpr int64_t kChunk = 128;
 template <typename T> constexpr int64_t kAlignment = kLanes<T>;
 template <typename T> constexpr int64_t kLineFloats = 64 / sizeof(T);
 
@@ -67,6 +64,15 @@ template <typename T> inline Vec<T> load(const T* p) { Vec<T> v; std::memcpy(&v,
 template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
 template <typename T> inline Tile<T> load_tile(const T* p) { Tile<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T> inline void store_tile(T* p, Tile<T> v) { std::memcpy(p, &v, sizeof v); }
+// Pins v to a vector register. GCC otherwise folds a load that feeds several FMAs into each FMA's memory operand,
+// one load per FMA, and the loop waits on the load ports instead of the FMA units (a no-op off x86).
+template <typename V> inline void in_register(V& v) {
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
 // s - 0 is s for every s (s + 0 is not: -0 + 0 = +0), so this folds to a single broadcast from memory.
 template <typename T> inline Vec<T> splat(T s) { return s - Vec<T>{}; }
 
@@ -165,12 +171,21 @@ inline void apply_bases(const Bf16Pair* x0, const int64_t* off, const Dims& d, c
 // odd nset.
 constexpr int bases_per_pass(int gc) { return gc == 1 ? 4 : gc == 2 ? 2 : 1; }
 constexpr int blocking(int gc) { return kRegisters == 32 ? (gc <= 4 ? 6 : 3) : (gc <= 4 ? 3 : 1); }
-// The same budget for grad_x (kScatterTaps taps × kScatterBlock position vectors: with 32 registers 6 × 4, so a
-// tap count of 9·gc splits into blocks of 6 and 3 and a chunk of 128 floats into whole blocks) and grad_w
-// (kRowTaps taps × 4 vectors of basis rows).
-constexpr int kScatterTaps = kRegisters == 32 ? 6 : 4;
-constexpr int kScatterBlock = kRegisters == 32 ? 4 : 3;
-constexpr int kRowTaps = kRegisters == 32 ? 6 : 3;
+// The same budget for grad_x (scatter_taps(gc) taps × gc rows × scatter_vectors(gc) position vectors: 12
+// accumulators with 16 registers, 24 with 32; every 9·gc tap count splits into whole blocks) and grad_w (kRowTaps
+// taps × kRowVectors vectors of basis rows: 12 or 24 accumulators, the row vectors and a broadcast fit too).
+constexpr int scatter_taps(int gc) {
+  return kRegisters == 32 ? (gc <= 4 ? 3 : 1) : (gc == 1 ? 3 : gc == 2 ? 2 : 1);
+}
+constexpr int scatter_vectors(int gc) {
+  return kRegisters == 32 ? (gc <= 2 ? 4 : gc == 4 ? 2 : 3) : (gc <= 4 ? 3 : 1);
+}
+constexpr int kRowTaps = 6;
+constexpr int kRowVectors = kRegisters == 32 ? 4 : 2;
+// Positions per chunk of the grad_x / grad_w kernel: whole grad_x blocks for KBNet's group sizes (3 vectors of 8
+// with AVX2, 2 or 4 of 16 with AVX-512), so no short block ends a chunk, and few enough that the chunk's
+// coefficients and a·g products stay in cache between the sweeps that reuse them.
+constexpr int64_t kChunk = kRegisters == 32 ? 128 : 120;
 
 // Where the bases n.. of group q start in w: per basis C rows of taps()/kChannelsPer values.
 template <typename X, int GC> inline const X* bases_of(const X* w, const Dims& d, int64_t n, int64_t q) {
@@ -276,35 +291,45 @@ void grad_att(const X* xp, const int64_t* off, const T* gp, const X* w, const T*
   }
 }
 
-// grad_x: dxp[q, off_j + p] += Σ_nr W[nr,j] · h[nr,p] for JB taps and PB position vectors; wq is (J, NR).
-template <typename T, int JB, int PB>
-inline void scatter_block(const T* h, int64_t stride, int64_t pb, int64_t nr_count, const T* wq, const int64_t* off,
-                          T* dx0, bool accumulate) {
+// grad_x with the fused kernel first: dxp[q, off_j + p] += Σ_r g[r,p] · Σ_n a[n,p] · W[n,r,j] for TB taps j..,
+// all GC rows and PB position vectors. ac holds the chunk's coefficients (one row per basis, `stride` apart), wj
+// the group's bases from tap j on (basis n at n·GC·J, row r at r·J), g0 grad_out of the chunk (rows Lo apart).
+template <typename T, int GC, int TB, int PB>
+inline void scatter_block(const T* ac, int64_t stride, int64_t pb, const T* wj, const Dims& d, const T* g0,
+                          const int64_t* off, T* dx0, bool accumulate) {
   constexpr int V = kLanes<T>;
-  Vec<T> acc[JB][PB] = {};
-  for (int64_t nr = 0; nr < nr_count; ++nr) {
-    Vec<T> hv[PB];
-    for (int i = 0; i < PB; ++i) hv[i] = load(h + nr * stride + pb + i * V);
-    for (int jj = 0; jj < JB; ++jj) {
-      const Vec<T> wv = splat<T>(wq[jj * nr_count + nr]);
-      for (int i = 0; i < PB; ++i) acc[jj][i] += wv * hv[i];
-    }
-  }
-  for (int jj = 0; jj < JB; ++jj)
+  const int64_t J = d.taps();
+  Vec<T> acc[TB][GC][PB] = {};
+  for (int64_t n = 0; n < d.nset; ++n) {
+    Vec<T> av[PB];
     for (int i = 0; i < PB; ++i) {
-      T* dst = dx0 + off[jj] + pb + i * V;
-      store(dst, accumulate ? load(dst) + acc[jj][i] : acc[jj][i]);
+      av[i] = load(ac + n * stride + pb + i * V);
+      in_register(av[i]);
+    }
+    const T* wn = wj + n * GC * J;
+    for (int t = 0; t < TB; ++t)
+      for (int r = 0; r < GC; ++r) {
+        const Vec<T> wv = splat<T>(wn[r * J + t]);
+        for (int i = 0; i < PB; ++i) acc[t][r][i] += wv * av[i];
+      }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int i = 0; i < PB; ++i) {
+      T* dst = dx0 + off[t] + pb + i * V;
+      Vec<T> sum = accumulate ? load(dst) : Vec<T>{};
+      for (int r = 0; r < GC; ++r) sum += load(g0 + r * d.len + pb + i * V) * acc[t][r][i];
+      store(dst, sum);
     }
 }
 
-template <typename T, int JB>
-inline void scatter_taps(const T* h, int64_t stride, int64_t len, int64_t nr_count, const T* wq, const int64_t* off,
-                         T* dx0, bool accumulate) {
-  constexpr int V = kLanes<T>;
+template <typename T, int GC, int TB>
+inline void scatter_chunk(const T* ac, int64_t stride, int64_t len, const T* wj, const Dims& d, const T* g0,
+                          const int64_t* off, T* dx0, bool accumulate) {
+  constexpr int V = kLanes<T>, PB = scatter_vectors(GC);
   int64_t pb = 0;
-  for (; pb + kScatterBlock * V <= len; pb += kScatterBlock * V)
-    scatter_block<T, JB, kScatterBlock>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
-  for (; pb < len; pb += V) scatter_block<T, JB, 1>(h, stride, pb, nr_count, wq, off, dx0, accumulate);
+  for (; pb + PB * V <= len; pb += PB * V)
+    scatter_block<T, GC, TB, PB>(ac, stride, pb, wj, d, g0, off, dx0, accumulate);
+  for (; pb < len; pb += V) scatter_block<T, GC, TB, 1>(ac, stride, pb, wj, d, g0, off, dx0, accumulate);
 }
 
 // grad_w: dwq[j, nr] += Σ_p u[j,p] · h[p, nr] for JB taps × NB vectors of nr; ht rows (one per p) have `stride`.
@@ -317,7 +342,10 @@ inline void accumulate_taps(const T* ht, int64_t stride, int64_t len, const T* x
     for (int k = 0; k < NB; ++k) acc[jj][k] = load(dwq + jj * dw_stride + k * V);
   for (int64_t p = 0; p < len; ++p) {
     Vec<T> hv[NB];
-    for (int k = 0; k < NB; ++k) hv[k] = load(ht + p * stride + k * V);
+    for (int k = 0; k < NB; ++k) {
+      hv[k] = load(ht + p * stride + k * V);
+      in_register(hv[k]);
+    }
     for (int jj = 0; jj < JB; ++jj) {
       const Vec<T> u = splat<T>(x0[off[jj] + p0 + p]);
       for (int k = 0; k < NB; ++k) acc[jj][k] += u * hv[k];
@@ -394,27 +422,30 @@ inline void transpose_rows(const T* src, int64_t stride, int64_t count, int64_t 
 // One task per group q (all batch items): no two tasks write the same dxp or dw values, and the weight gradient
 // is summed over the batch in the task's own buffer, so dw (N, C·gc·k², official layout) needs no per-batch
 // partials; every value of dw is written. dxp is added to where taps overlap (padded rows, zero on entry) or
-// overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). h = a·g is kept in
-// both orientations: p-contiguous rows for grad_x, nr-contiguous rows (NRp = N·gc rounded up to whole vectors,
-// zero padded) for grad_w, so neither needs a horizontal sum.
+// overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). The group's bases
+// are copied together once (in w, basis n + 1 is a whole basis further, often a multiple of 4 KB, which would put
+// all of them in one L1 set), and per chunk of positions the coefficients into rows `cs` apart (the planes'
+// stride puts every other row in the same sets). grad_x applies the fused kernels Σ_n a·W to grad_out; grad_w
+// sums u · a·g over positions, with the products in position-major rows (r-major columns: ht[p, r·Np + n], Np = N
+// rounded up to whole vectors, zero padded) built from the transposed coefficients, so no part needs a
+// horizontal sum.
 template <typename T, int GC>
 void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dw, const Dims& d,
               bool accumulate, int threads) {
-  constexpr int V = kLanes<T>;
-  const int64_t G = d.groups(), N = d.nset, J = d.taps(), S = d.basis_size(), Lo = d.len, NR = N * GC;
-  const int64_t nrp = (NR + V - 1) / V * V;
+  constexpr int V = kLanes<T>, TB = scatter_taps(GC);
+  const int64_t G = d.groups(), N = d.nset, J = d.taps(), S = d.basis_size(), Lo = d.len;
+  const int64_t np = (N + V - 1) / V * V, nrp = GC * np;
   const int64_t chunk = std::min(Lo, kChunk);
   // Row strides one cache line longer than the rows: power-of-two strides would put every row in the same few
   // L1 sets and evict them between the sweeps that reuse them.
-  const int64_t hs = chunk + kLineFloats<T>, hts = nrp + kLineFloats<T>;
+  const int64_t cs = chunk + kLineFloats<T>, ats = np + kLineFloats<T>, hts = nrp + kLineFloats<T>;
 #pragma omp parallel num_threads(threads)
   {
-    Buffer<T> h(NR * hs), ht(chunk * hts), wq(J * NR), dwq(J * nrp);
+    Buffer<T> wq(N * GC * J), ac(N * cs), at(chunk * ats), ht(chunk * hts), dwq(J * nrp);
 #pragma omp for schedule(dynamic)
     for (int64_t q = 0; q < G; ++q) {
       for (int64_t n = 0; n < N; ++n)
-        for (int r = 0; r < GC; ++r)
-          for (int64_t j = 0; j < J; ++j) wq[j * NR + n * GC + r] = w[n * S + (q * GC + r) * J + j];
+        std::memcpy(wq.data() + n * GC * J, w + n * S + q * GC * J, GC * J * sizeof(T));
       dwq.zero();
       for (int64_t b = 0; b < d.batch; ++b) {
         const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
@@ -423,32 +454,29 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
         T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
         for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
           const int64_t len = std::min(chunk, Lo - p0);
-          for (int64_t n = 0; n < N; ++n)
-            for (int r = 0; r < GC; ++r) {
-              T* hr = h.data() + (n * GC + r) * hs;
-              const T* an = a0 + n * Lo + p0;
-              const T* gr = g0 + r * Lo + p0;
-              for (int64_t p = 0; p < len; ++p) hr[p] = an[p] * gr[p];
-            }
-          transpose_rows(h.data(), hs, NR, len, ht.data(), hts);
-          const T* hd = h.data();
-          T* dxc = dx0 + p0;
+          for (int64_t n = 0; n < N; ++n) std::memcpy(ac.data() + n * cs, a0 + n * Lo + p0, len * sizeof(T));
           int64_t j = 0;
-          constexpr int JB = kScatterTaps, JH = kScatterTaps / 2;
-          const T* wj = wq.data();
-          for (; j + JB <= J; j += JB) scatter_taps<T, JB>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
-          for (; j + JH <= J; j += JH) scatter_taps<T, JH>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
-          for (; j < J; ++j) scatter_taps<T, 1>(hd, hs, len, NR, wj + j * NR, off + j, dxc, accumulate);
+          for (; j + TB <= J; j += TB)
+            scatter_chunk<T, GC, TB>(ac.data(), cs, len, wq.data() + j, d, g0 + p0, off + j, dx0 + p0, accumulate);
+          for (; j < J; ++j)
+            scatter_chunk<T, GC, 1>(ac.data(), cs, len, wq.data() + j, d, g0 + p0, off + j, dx0 + p0, accumulate);
+          transpose_rows(ac.data(), cs, N, len, at.data(), ats);
+          for (int64_t p = 0; p < len; ++p)
+            for (int r = 0; r < GC; ++r) {
+              const Vec<T> gv = splat<T>(g0[r * Lo + p0 + p]);
+              T* hr = ht.data() + p * hts + r * np;
+              for (int64_t n = 0; n < np; n += V) store(hr + n, gv * load(at.data() + p * ats + n));
+            }
           int64_t nr = 0;
-          for (; nr + 4 * V <= nrp; nr += 4 * V)
-            accumulate_rows<T, 4>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+          for (; nr + kRowVectors * V <= nrp; nr += kRowVectors * V)
+            accumulate_rows<T, kRowVectors>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
           for (; nr < nrp; nr += V)
             accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
         }
       }
       for (int64_t n = 0; n < N; ++n)
         for (int r = 0; r < GC; ++r)
-          for (int64_t j = 0; j < J; ++j) dw[n * S + (q * GC + r) * J + j] = dwq[j * nrp + n * GC + r];
+          for (int64_t jj = 0; jj < J; ++jj) dw[n * S + (q * GC + r) * J + jj] = dwq[jj * nrp + r * np + n];
     }
   }
 }
