@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kbnet import allocator
 from kbnet.benchmarks.command import benchmark_parser
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
@@ -196,8 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one repeat (smoke run)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
                         help="input sizes whose per-level shapes are measured (default: 128 256)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="time with training's allocator setting (freed memory kept, see kbnet.allocator) "
+                             "instead of glibc's default, under which every call faults its fresh planes in")
     add_comparison_options(parser, REPEATS)
     args = parser.parse_args(argv)
+    retained = args.retain_freed_memory and allocator.retain_freed_memory()
+    if args.retain_freed_memory and not retained:
+        parser.error("--retain-freed-memory needs glibc's malloc and KBNET_RETAIN_FREED_MEMORY unset or 1")
     run = comparison(parser, args, REPEATS)
     impls, repeats = run.impls, run.repeats
     torch.set_num_threads(args.threads)
@@ -210,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
           f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "
+          f"Allocator of the timed runs: {'freed memory kept (as in training)' if retained else 'glibc default'}. "
           f"Peak memory: {MEMORY_METHOD if run.memory else 'not measured'}.\n")
     print(report(results, impls, rates))
     return 0

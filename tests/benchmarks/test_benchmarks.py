@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ def test_kba_benchmark_quick(capsys):
     assert all(re.fullmatch(r"\d+\.\d\d×", row[11]) for row in rows)  # forward+backward speed-up
     assert all(re.fullmatch(r"\d+ %", cell) for row in rows for cell in row[18:20])  # share of the fp32 matmul rate
     assert cpu_model() in out and "matmul GFLOP/s: float32" in out and ", bfloat16" in out
+    assert "Allocator of the timed runs: glibc default." in out
     if bf16_kernels():
         amx = "AMX-BF16" in native.instruction_sets()  # then also the bf16 variant without the tile kernels
         assert all(len(row) == 25 + 4 * amx and re.fullmatch(r"\d+ %", row[24]) for row in rows)
@@ -138,3 +142,18 @@ def test_the_bf16_matmul_rate_is_measured_only_on_cpus_with_bf16_instructions(mo
     line = machine_line(1, rates)
     assert ("bfloat16 not measured (no bf16 instructions: emulated)" in line) != has_bf16
     assert re.search(r"matmul GFLOP/s: float32 \d+, bfloat16 ", line)
+
+
+@pytest.mark.skipif(not allocator.supported(), reason="training's allocator setting needs glibc's malloc")
+@pytest.mark.parametrize("env, status", [({}, 0), ({"KBNET_RETAIN_FREED_MEMORY": "0"}, 2)])
+def test_kba_benchmark_times_with_trainings_allocator_on_request(env, status):
+    # In a fresh process: keeping freed memory is one-way for the process that asks for it.
+    result = subprocess.run([sys.executable, "-m", "kbnet.benchmarks.kba", "--quick", "--no-memory", "--no-bf16",
+                             "--threads", "1", "--retain-freed-memory"], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=300)
+    assert result.returncode == status, result.stderr
+    if status == 0:
+        assert "Allocator of the timed runs: freed memory kept (as in training)." in result.stdout
+        assert len(table_rows(result.stdout, "KBNet_")) == 6
+    else:
+        assert "--retain-freed-memory needs glibc's malloc and KBNET_RETAIN_FREED_MEMORY unset or 1" in result.stderr
