@@ -242,9 +242,12 @@ void forward(const X* xp, const int64_t* off, const T* ap, const X* w, const T* 
   }
 }
 
+// Always inlined: GCC kept it out of line for gc ≤ 4, so each call spilled the basis accumulators to the stack
+// and read them back (1.1-1.2x slower grad_att for KBNet_l's gc = 2).
 template <typename T, typename X, int NB, int GC, int PB>
-inline void grad_att_bases(const X* x0, const T* g0, const X* w, const T* bias, T* d0, const int64_t* off,
-                           const Dims& d, int64_t q, int64_t p, int64_t n) {
+inline __attribute__((always_inline)) void grad_att_bases(const X* x0, const T* g0, const X* w, const T* bias,
+                                                          T* d0, const int64_t* off, const Dims& d, int64_t q,
+                                                          int64_t p, int64_t n) {
   constexpr int V = kLanes<T>;
   Vec<T> tk[NB][GC][PB];
   apply_bases<T, NB, GC, PB>(x0, off, d, bases_of<X, GC>(w, d, n, q), bias + n * d.channels + q * GC, p, tk);
@@ -419,16 +422,28 @@ inline void transpose_rows(const T* src, int64_t stride, int64_t count, int64_t 
     for (int64_t p = i < rows ? cols : 0; p < len; ++p) dst[p * dst_stride + i] = src[i * stride + p];
 }
 
-// One task per group q (all batch items): no two tasks write the same dxp or dw values, and the weight gradient
-// is summed over the batch in the task's own buffer, so dw (N, C·gc·k², official layout) needs no per-batch
-// partials; every value of dw is written. dxp is added to where taps overlap (padded rows, zero on entry) or
-// overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). The group's bases
-// are copied together once (in w, basis n + 1 is a whole basis further, often a multiple of 4 KB, which would put
-// all of them in one L1 set), and per chunk of positions the coefficients into rows `cs` apart (the planes'
-// stride puts every other row in the same sets). grad_x applies the fused kernels Σ_n a·W to grad_out; grad_w
-// sums u · a·g over positions, with the products in position-major rows (r-major columns: ht[p, r·Np + n], Np = N
-// rounded up to whole vectors, zero padded) built from the transposed coefficients, so no part needs a
-// horizontal sum.
+// Groups per grad_x_w task: the groups of up to kTaskChannels channels share one copy and transpose of each chunk's
+// coefficients (one per group made KBNet_l's gc = 2 kernel 1.04-1.06x slower), as long as the tasks still split
+// evenly between the threads (a multiple of them, or enough that the last round is a small share).
+constexpr int64_t kTaskChannels = 8;
+inline int64_t groups_per_task(int64_t groups, int gc, int threads) {
+  for (int64_t per = std::max<int64_t>(1, kTaskChannels / gc); per > 1; --per) {
+    const int64_t tasks = (groups + per - 1) / per;
+    if (tasks % threads == 0 || tasks >= 8 * threads) return per;
+  }
+  return 1;
+}
+
+// One task per few groups (all batch items, see groups_per_task): no two tasks write the same dxp or dw values,
+// and the weight gradient is summed over the batch in the task's own buffers, so dw (N, C·gc·k², official layout)
+// needs no per-batch partials; every value of dw is written. dxp is added to where taps overlap (padded rows, zero
+// on entry) or overwritten where each value has one tap (columns: `accumulate` false, no zeroing needed). Each
+// group's bases are copied together once (in w, basis n + 1 is a whole basis further, often a multiple of 4 KB,
+// which would put all of them in one L1 set), and per chunk of positions the coefficients into rows `cs` apart
+// (the planes' stride puts every other row in the same sets). grad_x applies the fused kernels Σ_n a·W to
+// grad_out; grad_w sums u · a·g over positions, with the products in position-major rows (r-major columns:
+// ht[p, r·Np + n], Np = N rounded up to whole vectors, zero padded) built from the transposed coefficients, so no
+// part needs a horizontal sum.
 template <typename T, int GC>
 void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T* w, T* dxp, T* dw, const Dims& d,
               bool accumulate, int threads) {
@@ -439,44 +454,54 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
   // Row strides one cache line longer than the rows: power-of-two strides would put every row in the same few
   // L1 sets and evict them between the sweeps that reuse them.
   const int64_t cs = chunk + kLineFloats<T>, ats = np + kLineFloats<T>, hts = nrp + kLineFloats<T>;
+  const int64_t per_task = groups_per_task(G, GC, threads), tasks = (G + per_task - 1) / per_task;
 #pragma omp parallel num_threads(threads)
   {
-    Buffer<T> wq(N * GC * J), ac(N * cs), at(chunk * ats), ht(chunk * hts), dwq(J * nrp);
+    Buffer<T> wq(per_task * N * GC * J), ac(N * cs), at(chunk * ats), ht(chunk * hts), dwq(per_task * J * nrp);
 #pragma omp for schedule(dynamic)
-    for (int64_t q = 0; q < G; ++q) {
-      for (int64_t n = 0; n < N; ++n)
-        std::memcpy(wq.data() + n * GC * J, w + n * S + q * GC * J, GC * J * sizeof(T));
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t q0 = task * per_task, nq = std::min(per_task, G - q0);
+      for (int64_t k = 0; k < nq; ++k)
+        for (int64_t n = 0; n < N; ++n)
+          std::memcpy(wq.data() + (k * N + n) * GC * J, w + n * S + (q0 + k) * GC * J, GC * J * sizeof(T));
       dwq.zero();
       for (int64_t b = 0; b < d.batch; ++b) {
-        const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
         const T* a0 = ap + b * N * Lo;
-        const T* g0 = gp + (b * d.channels + q * GC) * Lo;
-        T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
         for (int64_t p0 = 0; p0 < Lo; p0 += chunk) {
           const int64_t len = std::min(chunk, Lo - p0);
           for (int64_t n = 0; n < N; ++n) std::memcpy(ac.data() + n * cs, a0 + n * Lo + p0, len * sizeof(T));
-          int64_t j = 0;
-          for (; j + TB <= J; j += TB)
-            scatter_chunk<T, GC, TB>(ac.data(), cs, len, wq.data() + j, d, g0 + p0, off + j, dx0 + p0, accumulate);
-          for (; j < J; ++j)
-            scatter_chunk<T, GC, 1>(ac.data(), cs, len, wq.data() + j, d, g0 + p0, off + j, dx0 + p0, accumulate);
           transpose_rows(ac.data(), cs, N, len, at.data(), ats);
-          for (int64_t p = 0; p < len; ++p)
-            for (int r = 0; r < GC; ++r) {
-              const Vec<T> gv = splat<T>(g0[r * Lo + p0 + p]);
-              T* hr = ht.data() + p * hts + r * np;
-              for (int64_t n = 0; n < np; n += V) store(hr + n, gv * load(at.data() + p * ats + n));
-            }
-          int64_t nr = 0;
-          for (; nr + kRowVectors * V <= nrp; nr += kRowVectors * V)
-            accumulate_rows<T, kRowVectors>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
-          for (; nr < nrp; nr += V)
-            accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwq.data() + nr, nrp);
+          for (int64_t k = 0; k < nq; ++k) {
+            const int64_t q = q0 + k;
+            const T* x0 = xp + (b * d.channels + q * GC) * d.chan_stride;
+            const T* g0 = gp + (b * d.channels + q * GC) * Lo;
+            T* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
+            const T* wk = wq.data() + k * N * GC * J;
+            T* dwk = dwq.data() + k * J * nrp;
+            int64_t j = 0;
+            for (; j + TB <= J; j += TB)
+              scatter_chunk<T, GC, TB>(ac.data(), cs, len, wk + j, d, g0 + p0, off + j, dx0 + p0, accumulate);
+            for (; j < J; ++j)
+              scatter_chunk<T, GC, 1>(ac.data(), cs, len, wk + j, d, g0 + p0, off + j, dx0 + p0, accumulate);
+            for (int64_t p = 0; p < len; ++p)
+              for (int r = 0; r < GC; ++r) {
+                const Vec<T> gv = splat<T>(g0[r * Lo + p0 + p]);
+                T* hr = ht.data() + p * hts + r * np;
+                for (int64_t n = 0; n < np; n += V) store(hr + n, gv * load(at.data() + p * ats + n));
+              }
+            int64_t nr = 0;
+            for (; nr + kRowVectors * V <= nrp; nr += kRowVectors * V)
+              accumulate_rows<T, kRowVectors>(ht.data() + nr, hts, len, x0, off, p0, J, dwk + nr, nrp);
+            for (; nr < nrp; nr += V)
+              accumulate_rows<T, 1>(ht.data() + nr, hts, len, x0, off, p0, J, dwk + nr, nrp);
+          }
         }
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int r = 0; r < GC; ++r)
-          for (int64_t jj = 0; jj < J; ++jj) dw[n * S + (q * GC + r) * J + jj] = dwq[jj * nrp + r * np + n];
+      for (int64_t k = 0; k < nq; ++k)
+        for (int64_t n = 0; n < N; ++n)
+          for (int r = 0; r < GC; ++r)
+            for (int64_t jj = 0; jj < J; ++jj)
+              dw[n * S + ((q0 + k) * GC + r) * J + jj] = dwq[k * J * nrp + jj * nrp + r * np + n];
     }
   }
 }

@@ -125,7 +125,8 @@ def test_equals_reference_formulation_on_random_inputs(slab_budget):
     dict(b=3, c=8, h=6, w=20, nset=3, groups=1),  # one group of eight channels
     dict(b=1, c=9, h=5, w=18, nset=4, groups=3),  # three channels per group: no native blocking (PyTorch path)
     dict(b=1, c=8, h=1, w=1, nset=2, groups=2),  # a single pixel
-], ids=["gc4-columns", "gc2-rows", "gc1-k5", "gc8", "gc3", "1x1"])
+    dict(b=2, c=10, h=5, w=21, nset=3, groups=5),  # five groups of two: a grad_x_w task of four groups, one of one
+], ids=["gc4-columns", "gc2-rows", "gc1-k5", "gc8", "gc3", "1x1", "gc2-uneven-tasks"])
 def test_every_implementation_equals_reference_formulation(shape, impl):
     inputs, k, groups = random_case(seed=5, **shape)
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
