@@ -72,6 +72,16 @@ class Case:
         per_basis = self.channels * self.group_channels * KERNEL**2
         return self.batch * self.size**2 * (per_basis * (NSET + 1) + NSET * self.channels) / 1e9
 
+    @property
+    def kernel_gmacs(self) -> float:
+        """Multiply-accumulates the fused native kernels execute for a forward and backward: the forward, grad_att,
+        grad_x and grad_w each apply all nset bases to every pixel's neighbourhood (nset·C·gc·k²), plus the mixing
+        (3·nset·C) and grad_x's application of the fused kernel to grad_out (C·gc·k²). The official formulation
+        needs 3× its forward instead, because it keeps every pixel's fused kernel (C·gc·k² values) from the forward
+        for the backward, the memory the fused kernels save."""
+        per_basis = self.channels * self.group_channels * KERNEL**2
+        return self.batch * self.size**2 * (4 * NSET * per_basis + 3 * NSET * self.channels + per_basis) / 1e9
+
 
 LEVELS = {  # per backbone: channels per group, then (level, channels entering KBA, downscale)
     "KBNet_s": (4, [("L1", 64, 1), ("L2", 128, 2), ("L3", 256, 4), ("L4", 512, 8), ("middle", 1024, 16)]),
@@ -100,6 +110,8 @@ def inputs(case: Case, requires_grad: bool) -> list[torch.Tensor]:
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
+FUSED_NOTE = (", and for the native kernels' f+b also the FLOPs they execute (their backward applies the bases "
+              "three times, 4× the forward in all: they never store a fused kernel per pixel)")
 BF16 = "bf16"
 """The name of the variant that runs the subject implementation under bf16 autocast."""
 NO_AMX = "bf16 vdpbf16ps"
@@ -159,13 +171,16 @@ def measure(selected: Sequence[Case], impls: Sequence[str], repeats: int, thread
     return results
 
 
-def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -> str:
+def report(results: list[dict], impls: Sequence[str], rates: dict[str, float], fused: bool) -> str:
+    """The table; ``fused``: the subject runs the native kernels, whose forward+backward share is also given on the
+    FLOPs they execute (``Case.kernel_gmacs``)."""
     ours, ref = impls[0], impls[-1]
     bf16 = BF16 in results[0]["fwd"] if results else False
     header = ["net", "level", "C/gc", "H×W", "B", "GMAC",
               f"fwd {ours} ms", f"fwd {ref} ms", "fwd ×", f"f+b {ours} ms", f"f+b {ref} ms", "f+b ×", "f+b CPU-time ×",
               f"f+b peak {ours} MiB", f"f+b peak {ref} MiB", "memory ×", f"fwd peak {ours} MiB", f"fwd peak {ref} MiB",
               f"fwd {ours} % fp32 mm", f"f+b {ours} % fp32 mm"]
+    header += [f"f+b {ours} % fp32 mm, kernel FLOPs"] * fused
     header += ["bf16 fwd ms", "bf16 f+b ms", "fp32/bf16 fwd ×", "bf16 fwd % bf16 mm", "bf16 f+b % bf16 mm"] * bf16
     no_amx = NO_AMX in results[0]["fwd"] if results else False
     header += ["vdpbf16ps fwd ms", "vdpbf16ps f+b ms", "AMX fwd ×", "AMX f+b ×"] * no_amx
@@ -181,6 +196,7 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float]) -
                ms(fwd[ours].wall), ms(fwd[ref].wall), ratio(fwd[ref].wall, fwd[ours].wall),
                ms(fb[ours].wall), ms(fb[ref].wall), ratio(fb[ref].wall, fb[ours].wall),
                ratio(fb[ref].cpu, fb[ours].cpu), *mem, share(fwd[ours], 1, "float32"), share(fb[ours], 3, "float32")]
+        row += [share(fb[ours], 1, "float32", c.kernel_gmacs)] * fused
         if bf16:
             row += [ms(fwd[BF16].wall), ms(fb[BF16].wall), ratio(fwd[ours].wall, fwd[BF16].wall),
                     share(fwd[BF16], 1, "bfloat16"), share(fb[BF16], 3, "bfloat16")]
@@ -209,17 +225,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     impls, repeats = run.impls, run.repeats
     torch.set_num_threads(args.threads)
     no_amx = run.bf16 and "AMX-BF16" in native.instruction_sets()  # then also time bf16 without the tiles
-    results = measure(cases(args.quick, args.sizes), impls, repeats, args.threads, run.memory, run.bf16, no_amx)
+    selected = cases(args.quick, args.sizes)
+    results = measure(selected, impls, repeats, args.threads, run.memory, run.bf16, no_amx)
+    fused = impls[0] in ("auto", "native") and all(
+        native.supports(torch.empty(0, c.channels, 0, 0), c.groups) for c in selected) and native.available()
     rates = matmul_rates(1024 if args.quick else 2048)
     bf16_note = run.bf16_note(f"{impls[0]} under bf16 autocast (bf16 kernels, float32 sums)")
     if no_amx:
         bf16_note += "; vdpbf16ps: the same without the AMX tile kernels, AMX × = vdpbf16ps / bf16"
     print(f"KBA ({NSET} bases, {KERNEL}×{KERNEL}), float32 inputs. {machine_line(args.threads, rates)}. "
           f"Times: median of {repeats} wall-clock runs, implementations interleaved; × = {impls[-1]} / {impls[0]}. "
-          f"% mm = achieved GFLOP/s over the matmul rate of the dtype (f+b = 3× the forward FLOPs). {bf16_note}. "
+          f"% mm = achieved GFLOP/s over the matmul rate of the dtype; FLOPs: the official formulation's (f+b = 3× "
+          f"its forward){FUSED_NOTE * fused}. {bf16_note}. "
           f"Allocator of the timed runs: {'freed memory kept (as in training)' if retained else 'glibc default'}. "
           f"Peak memory: {MEMORY_METHOD if run.memory else 'not measured'}.\n")
-    print(report(results, impls, rates))
+    print(report(results, impls, rates, fused))
     return 0
 
 
