@@ -46,7 +46,7 @@ def test_installed_wheel_has_the_native_kba_kernels(wheel: Path, tmp_path: Path)
     result = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, check=True)
     assert result.stdout.split()[0] == "True", result.stdout + result.stderr
-    assert list((tmp_path / "cache").glob("kba_cpu-*.so")), "the installed package did not build its kernels"
+    assert list((tmp_path / "cache").glob("kbnet_cpu-*.so")), "the installed package did not build its kernels"
 
 
 def test_installed_wheel_runs_the_benchmarks(wheel: Path, tmp_path: Path) -> None:

@@ -1,12 +1,13 @@
-"""The fused CPU kernels of KBA (``kba_cpu.cpp``): built on first use, cached, called through ``ctypes``.
+"""The fused CPU kernels of KBA (``kba_cpu.cpp``) and of the channel LayerNorm (``layer_norm_cpu.cpp``, used by
+``kbnet.ops.layer_norm``): one library, built on first use, cached, called through ``ctypes``.
 
 Why this way: a torch C++ extension would need the torch headers (a minute of compilation) or a build step in
 ``pip install`` (which would pull a CUDA torch into the isolated build env). The kernels need no torch API, so they
 are a plain shared library compiled in a few seconds with the system C++ compiler, ``-march=native`` and OpenMP.
 Its OpenMP runtime resolves to the ``libgomp.so.1`` torch has already loaded, so both share one thread pool.
-The library is cached under ``$KBNET_CACHE_DIR`` (default ``~/.cache/kbnet``), keyed by a hash of the source, the
+The library is cached under ``$KBNET_CACHE_DIR`` (default ``~/.cache/kbnet``), keyed by a hash of the sources, the
 compiler, the flags and the CPU. When no compiler works, ``available()`` is False and ``unavailable_reason()``
-says why; ``kbnet.ops.kba`` then uses its pure-PyTorch implementation.
+says why; ``kbnet.ops.kba`` then uses its pure-PyTorch implementation, and ``kbnet.ops.layer_norm`` PyTorch's.
 
 The instruction set follows the build target (``instruction_sets()``): 64-byte vectors where it has AVX-512, else
 32-byte (AVX2); with AVX512_BF16 also bf16 kernels (``vdpbf16ps``, float32 sums), so ``native_dtypes()`` gains
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kba_cpu.cpp")
+SOURCES = (Path(__file__).with_name("kba_cpu.cpp"), Path(__file__).with_name("layer_norm_cpu.cpp"))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 MARCH_ENV = "KBNET_NATIVE_MARCH"
 """Environment variable naming the ``-march`` target (default ``native``): the kernels pick their instruction set
@@ -79,21 +80,23 @@ def _flags() -> tuple[str, ...]:
 def _build() -> Path:
     compiler = _compiler()
     flags = _flags()
-    if not SOURCE.is_file():
-        raise NativeBuildError(f"kernel source {SOURCE} is missing from the installed package")
-    source = SOURCE.read_bytes()
+    for source in SOURCES:
+        if not source.is_file():
+            raise NativeBuildError(f"kernel source {source} is missing from the installed package")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"kba_cpu-{key}.so"
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), " ".join(flags).encode(),
+                                     version.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"kbnet_cpu-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True,
+                                text=True)
         if result.returncode:
-            raise NativeBuildError(f"compiling {SOURCE} with {compiler} failed:\n{result.stderr[-2000:]}")
+            names = " and ".join(str(source) for source in SOURCES)
+            raise NativeBuildError(f"compiling {names} with {compiler} failed:\n{result.stderr[-2000:]}")
         os.replace(built, target)  # atomic: concurrent builders never see a half-written library
     return target
 
@@ -118,6 +121,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"kba_alignment_{suffix}").restype = i64
         getattr(lib, f"kba_pack_{suffix}").argtypes = [ptr] + [i64] * 8 + [ptr] + [i64] * 3 + [i32]
         getattr(lib, f"kba_unpack_{suffix}").argtypes = [ptr] + [i64] * 3 + [ptr] + [i64] * 8 + [i32]
+    for suffix in ("f32", "bf16"):
+        getattr(lib, f"layer_norm_forward_{suffix}").argtypes = [ptr] * 6 + [i64, i64, ctypes.c_double, i32]
+        getattr(lib, f"layer_norm_backward_{suffix}").argtypes = [ptr] * 8 + [i64, i64, i32]
     return lib
 
 

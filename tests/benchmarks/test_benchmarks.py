@@ -14,6 +14,7 @@ from kbnet import allocator
 from kbnet.benchmarks import allocator as allocator_benchmark
 from kbnet.benchmarks import command, common
 from kbnet.benchmarks import kba as kba_benchmark
+from kbnet.benchmarks import layer_norm as layer_norm_benchmark
 from kbnet.benchmarks import models as models_benchmark
 from kbnet.benchmarks.common import bf16_kernels, cpu_model, machine_line, matmul_rates, memory_supported
 from kbnet.errors import DataError
@@ -89,6 +90,26 @@ def test_allocator_benchmark_quick(capsys):
     assert all(re.fullmatch(r"\d+\.\d\d×", row[5]) and re.fullmatch(r"\d+\.\d\d×", row[10]) for row in rows)
     assert all(int(row[6]) >= 0 and int(row[7]) >= 0 and float(row[8]) >= 0 for row in rows)
     assert cpu_model() in out
+
+
+def test_layer_norm_benchmark_quick(capsys):
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    assert layer_norm_benchmark.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out, "KBNet_")
+    levels = [("KBNet_s", "L1/8", 8, 32), ("KBNet_l", "L1/8", 6, 32), ("KBNet_l", "L2/8", 12, 16)]
+    assert [row[:4] for row in rows] == [[net, level, f"{c}×{side}²×{batch}", dtype] for net, level, c, side in levels
+                                         for batch in (1, 2) for dtype in ("float32", "bf16")]
+    assert all(re.fullmatch(r"\d+\.\d\d×", row[6]) and re.fullmatch(r"\d+\.\d\d×", row[9]) for row in rows)
+    assert cpu_model() in out
+
+
+def test_layer_norm_benchmark_refuses_a_size_without_a_deepest_level(capsys):
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    assert layer_norm_benchmark.main(["--size", "200"]) == 2
+    assert "--size must be a multiple of 16" in capsys.readouterr().err
 
 
 def test_largest_side_is_linear_in_pixels():

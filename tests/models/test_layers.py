@@ -75,8 +75,9 @@ def test_layer_norm_inference_under_autocast_normalises_the_bf16_map_directly():
 
 
 def test_layer_norm_training_under_autocast_keeps_float32_gradients():
-    """With autograd the norm runs in float32 (PyTorch's mixed-dtype backward sums the affine gradients in low
-    precision, 5 % off over a 64² map), so its gradients are those of a float32 norm of the same bf16 input."""
+    """With autograd the gradients are those of a float32 norm of the same bf16 input (PyTorch's mixed-dtype
+    backward sums the affine gradients in low precision, 5 % off over a 64² map): the native kernels compute in
+    float32 on the bf16 values, PyTorch's path (without them) normalises a float32 copy."""
     norm, reference = affine_norm(16), affine_norm(16)
     x = torch.randn(1, 16, 64, 64).bfloat16().contiguous(memory_format=torch.channels_last)
     grad = torch.randn(1, 16, 64, 64)

@@ -200,7 +200,7 @@ def test_other_builds_compile_and_match(tmp_path, march, dtype, isa):
     info = json.loads(result.stdout.strip().splitlines()[-1])
     dtypes = ["torch.float32", "torch.float64"] + ["torch.bfloat16"] * (dtype == torch.bfloat16)
     assert info == {"isa": isa, "dtypes": dtypes}
-    assert len(list((tmp_path / "cache").glob("kba_cpu-*.so"))) == 1
+    assert len(list((tmp_path / "cache").glob("kbnet_cpu-*.so"))) == 1
     torch.manual_seed(0)
     inputs = [torch.randn(2, 16, 9, 21), torch.randn(2, 8, 9, 21), torch.randn(1, 8, 16 * 4 * 9) * 0.1,
               torch.randn(1, 8, 16)]

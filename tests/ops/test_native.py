@@ -36,7 +36,7 @@ def require_compiler() -> None:
 def test_builds_once_into_the_cache(fresh_build):
     require_compiler()
     assert native.available(), native.unavailable_reason()
-    built = list(fresh_build.glob("kba_cpu-*.so"))
+    built = list(fresh_build.glob("kbnet_cpu-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     native._library.cache_clear()
@@ -48,7 +48,7 @@ def test_builds_once_into_the_cache(fresh_build):
 def test_compile_error_is_reported_and_auto_falls_back(fresh_build, monkeypatch, tmp_path):
     broken = tmp_path / "kba_cpu.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken, native.SOURCES[1]))
     require_compiler()
     assert not native.available()
     assert "kba_cpu.cpp" in native.unavailable_reason() and "failed" in native.unavailable_reason()
@@ -67,7 +67,7 @@ def test_missing_compiler_is_named(fresh_build, monkeypatch):
 
 
 def test_missing_source_is_named(fresh_build, monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "SOURCE", tmp_path / "gone.cpp")
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], tmp_path / "gone.cpp"))
     require_compiler()
     assert "gone.cpp is missing" in native.unavailable_reason()
 
