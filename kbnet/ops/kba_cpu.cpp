@@ -36,6 +36,8 @@
 #define KBA_AMX 0
 #endif
 
+#include "bf16.h"
+
 namespace {
 
 // The kernels' vector: a full AVX-512 register where the build targets AVX-512 (twice the lanes and 32 instead of
@@ -506,20 +508,10 @@ void grad_x_w(const T* xp, const int64_t* off, const T* ap, const T* gp, const T
   }
 }
 
-// bf16 <-> float32 conversions of the bf16 path's layout copies (bf16 is the upper half of a float32).
+// bf16 <-> float32 conversions of the bf16 path's layout copies (bf16.h).
 inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  const uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline uint32_t to_bf16(float f) {  // round to nearest even; NaNs stay NaN (a select, so loops vectorise)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
-}
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline uint32_t to_bf16(float f) { return float_to_bf16(f); }
 
 // Element conversions between an image of I and planes of P: identity, or bf16 bits (uint16_t) <-> float32.
 template <typename P> inline P to_plane(P v) { return v; }

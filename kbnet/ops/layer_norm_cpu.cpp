@@ -22,6 +22,8 @@
 #include <omp.h>
 #endif
 
+#include "bf16.h"
+
 namespace {
 
 // GCC vector extensions, the width of the build's registers (the library is built with -march=native).
@@ -32,18 +34,12 @@ constexpr int64_t kLanes = 8;
 #endif
 typedef float VecF __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
-typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t VecH __attribute__((vector_size(2 * kLanes)));
 
 // Loads into float32 and stores from it; bf16 is the upper half of a float32, stored rounded to nearest even
 // (NaNs stay NaN).
 inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) {
-  const uint32_t bits = uint32_t(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 inline VecF load(const float* p) {
   VecF v;
   std::memcpy(&v, p, sizeof v);
@@ -60,23 +56,14 @@ inline VecF load(const uint16_t* p) {  // one widening load (GCC splits __builti
   return reinterpret_cast<VecF>(__builtin_convertvector(h, VecU) << 16);
 #endif
 }
-// float32 bits to bf16 bits: round to nearest even, NaNs stay (quiet) NaN. Signed 32-bit lanes (|bits| and the
-// rounded value fit), so the NaN test is one signed compare on every x86 vector ISA.
-template <typename I> inline I round_bits(I bits) {
-  return (bits & 0x7fffffff) > 0x7f800000 ? (bits >> 16) | 0x40 : (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-}
 inline void store1(float* p, float v) { *p = v; }
-inline void store1(uint16_t* p, float v) {
-  int32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  *p = static_cast<uint16_t>(round_bits(bits));
-}
+inline void store1(uint16_t* p, float v) { *p = static_cast<uint16_t>(float_to_bf16(v)); }
 inline void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 inline void store(uint16_t* p, VecF v) {
 #ifdef __AVX512BF16__
   _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));
 #else
-  const VecH narrow = __builtin_convertvector(round_bits(reinterpret_cast<VecI>(v)), VecH);
+  const VecH narrow = __builtin_convertvector(bf16_round_bits(reinterpret_cast<VecU>(v)), VecH);
   std::memcpy(p, &narrow, sizeof narrow);
 #endif
 }

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 SOURCES = (Path(__file__).with_name("kba_cpu.cpp"), Path(__file__).with_name("layer_norm_cpu.cpp"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)
+"""Included by the sources: part of the library's cache key."""
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 MARCH_ENV = "KBNET_NATIVE_MARCH"
 """Environment variable naming the ``-march`` target (default ``native``): the kernels pick their instruction set
@@ -80,12 +82,13 @@ def _flags() -> tuple[str, ...]:
 def _build() -> Path:
     compiler = _compiler()
     flags = _flags()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         if not source.is_file():
             raise NativeBuildError(f"kernel source {source} is missing from the installed package")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), " ".join(flags).encode(),
-                                     version.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in (*SOURCES, *HEADERS)),
+                                     " ".join(flags).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
     target = cache_dir() / f"kbnet_cpu-{key}.so"
     if target.is_file():
         return target

@@ -66,8 +66,9 @@ def test_missing_compiler_is_named(fresh_build, monkeypatch):
     assert "no C++ compiler" in native.unavailable_reason()
 
 
-def test_missing_source_is_named(fresh_build, monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], tmp_path / "gone.cpp"))
+@pytest.mark.parametrize("kind", ["SOURCES", "HEADERS"])
+def test_missing_source_is_named(fresh_build, monkeypatch, tmp_path, kind):
+    monkeypatch.setattr(native, kind, (*getattr(native, kind)[1:], tmp_path / "gone.cpp"))
     require_compiler()
     assert "gone.cpp is missing" in native.unavailable_reason()
 
