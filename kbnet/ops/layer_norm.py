@@ -46,6 +46,11 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``supports(x)``, True wherever ``supports(x)``, False never (the benchmark's baseline)."""
     if native_kernels is None:
         native_kernels = x.dtype in AUTO_DTYPES and supports(x)
+    elif native_kernels and not supports(x):
+        reason = native.unavailable_reason()
+        raise ValueError(f"the native LayerNorm kernels need a channels-last CPU map of {NATIVE_DTYPES}, outside an "
+                         f"export{f', and they are unavailable: {reason}' if reason else ''}; got a {x.device.type} "
+                         f"{x.dtype} map of strides {x.stride()}")
     if native_kernels:
         return torch.ops.kbnet.channel_layer_norm(x, weight.float(), bias.float(), eps)[0]
     device = x.device.type
@@ -79,6 +84,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     A registered operator, so torch.compile, fake tensors and dispatch modes (the launch counts) see one operator.
     Its Python dispatch costs about 30 µs per call forward and 140 µs forward+backward: a few milliseconds per pass
     of a backbone, as much as the kernels themselves only at the 16² and 32² levels."""
+    _check_operands(x, weight, bias)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     mean = torch.empty(_rows(x), dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -86,6 +92,17 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(), mean.data_ptr(),
         rstd.data_ptr(), _rows(x), x.shape[1], eps, _threads(x))
     return y, mean, rstd
+
+
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """The kernels read raw memory: anything else than what they expect is refused before they run."""
+    if not supports(x):
+        raise ValueError(f"kbnet::channel_layer_norm needs a channels-last CPU map of {NATIVE_DTYPES}; got a "
+                         f"{x.device.type} {x.dtype} map of shape {tuple(x.shape)} and strides {x.stride()}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.shape != (x.shape[1],):
+            raise ValueError(f"kbnet::channel_layer_norm needs a float32 CPU {name} of shape ({x.shape[1]},); got "
+                             f"{t.device.type} {t.dtype} {tuple(t.shape)}")
 
 
 @_forward_op.register_fake

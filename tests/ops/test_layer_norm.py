@@ -148,6 +148,19 @@ def test_the_native_kernels_serve_channels_last_bf16_cpu_maps_and_float32_on_req
     assert calls == [torch.bfloat16, torch.float32]
 
 
+def test_what_the_kernels_cannot_read_is_refused_before_they_run():
+    require_native()
+    x, weight, bias, _ = case(8, torch.bfloat16)
+    with pytest.raises(ValueError, match="channels-last CPU map.*strides"):
+        channel_layer_norm(x.contiguous(), weight, bias, EPS, native_kernels=True)
+    with pytest.raises(ValueError, match="channels-last CPU map.*float64"):
+        torch.ops.kbnet.channel_layer_norm(x.double(), weight, bias, EPS)
+    with pytest.raises(ValueError, match=r"float32 CPU weight of shape \(8,\); got cpu torch.float32 \(7,\)"):
+        torch.ops.kbnet.channel_layer_norm(x, weight[:7], bias, EPS)
+    with pytest.raises(ValueError, match="float32 CPU bias"):
+        torch.ops.kbnet.channel_layer_norm(x, weight, bias.bfloat16(), EPS)
+
+
 def test_without_the_native_kernels_bf16_layer_norm_runs_on_pytorch(monkeypatch):
     x, weight, bias, grad = case(16, torch.bfloat16)
     want = reference(x, weight, bias, grad)
