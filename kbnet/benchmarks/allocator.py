@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kbnet.allocator import ENV, retain_freed_memory, supported
-from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.command import benchmark_parser, positive_int
 from kbnet.benchmarks.common import (
     machine_line,
     matmul_rates,
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = benchmark_parser("allocator", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny presets at tiny sizes (smoke run)")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_l)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast training steps")
     args = parser.parse_args(argv)
     if not supported() or not memory_supported():

@@ -30,6 +30,18 @@ def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"kbnet-bench {name}", description=doc.split("\n\n")[0])
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (threads, repeats, image sides): 0 or less is a usage error, not a traceback or
+    a silent default."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     width = max(map(len, BENCHMARKS))
     overview = "\n".join(f"  {name.ljust(width)}  {line}" for name, line in BENCHMARKS.items())

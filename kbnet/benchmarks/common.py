@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kbnet.benchmarks.command import positive_int
 from kbnet.ops import IMPLEMENTATIONS, native
 
 IMPORT_ROOT = Path(__file__).resolve().parents[2]
@@ -174,9 +175,9 @@ class Comparison:
 def add_comparison_options(parser: argparse.ArgumentParser, repeats: int) -> None:
     """The options of a ``Comparison`` (read back by ``comparison``); ``repeats`` is the default of a full run (a
     ``--quick`` run repeats once)."""
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help=f"timed runs per variant (default {repeats}; quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--impls", default="auto,reference",
                         help=f"comma-separated KBA implementations, subject first, baseline last; of {IMPLEMENTATIONS}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.command import benchmark_parser, positive_int
 from kbnet.benchmarks.common import machine_line, matmul_rates, ms, ratio, time_calls
 from kbnet.benchmarks.kba import KERNEL, cases, inputs
 from kbnet.cli import user_errors
@@ -123,8 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny presets / level shapes at 32², one repeat")
     parser.add_argument("--kba", action="store_true", help="only the KBA formulation table")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3; quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch / onnxruntime threads")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per variant (default 3; quick 1)")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                        help="torch / onnxruntime threads")
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)

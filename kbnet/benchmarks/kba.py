@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kbnet import allocator
-from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.command import benchmark_parser, positive_int
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
     add_comparison_options,
@@ -211,7 +211,7 @@ def report(results: list[dict], impls: Sequence[str], rates: dict[str, float], f
 def main(argv: Sequence[str] | None = None) -> int:
     parser = benchmark_parser("kba", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one repeat (smoke run)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=list(SIZES),
                         help="input sizes whose per-level shapes are measured (default: 128 256)")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="time with training's allocator setting (freed memory kept, see kbnet.allocator) "

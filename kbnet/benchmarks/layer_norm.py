@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.command import benchmark_parser, positive_int
 from kbnet.benchmarks.common import machine_line, matmul_rates, ms, ratio, time_calls
 from kbnet.cli import user_errors
 from kbnet.errors import UserError
@@ -74,9 +74,11 @@ def rows(levels: dict, size: int, batches: Sequence[int], repeats: int) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = benchmark_parser("layer_norm", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
-    parser.add_argument("--size", type=int, default=256, help="input side the levels are taken at (default 256)")
-    parser.add_argument("--repeats", type=int, default=None, help=f"timed runs per variant (default {REPEATS})")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--size", type=positive_int, default=256,
+                        help="input side the levels are taken at (default 256)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help=f"timed runs per variant (default {REPEATS})")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args(argv)
     if not native.available():
         raise UserError(f"kbnet-bench layer_norm times the native kernels, which are unavailable here: "

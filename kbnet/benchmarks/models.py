@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kbnet.benchmarks.command import benchmark_parser
+from kbnet.benchmarks.command import benchmark_parser, positive_int
 from kbnet.benchmarks.common import (
     MEMORY_METHOD,
     add_comparison_options,
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny presets at 16², one repeat (smoke run)")
     parser.add_argument("--models", nargs="+", default=None, help="presets (default: kbnet_s_sidd kbnet_s kbnet_l)")
     parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest image (GiB)")
-    parser.add_argument("--verify-size", type=int, nargs="*", default=[],
+    parser.add_argument("--verify-size", type=positive_int, nargs="*", default=[],
                         help="also measure the subject's peak restoring one image of this side (slow)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the subject compiled with torch.compile (eager / compiled ratio)")

@@ -127,6 +127,22 @@ def test_unknown_implementation_is_refused(capsys):
     assert "fastest" in capsys.readouterr().err
 
 
+COUNT_OPTIONS = {"kba": ("--threads", "--repeats", "--sizes"), "models": ("--threads", "--repeats", "--verify-size"),
+                 "deploy": ("--threads", "--repeats"), "allocator": ("--threads",),
+                 "layer_norm": ("--threads", "--repeats", "--size")}
+
+
+@pytest.mark.parametrize(("name", "option"), [(name, option) for name, options in COUNT_OPTIONS.items()
+                                              for option in options])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_counts_and_sides_below_one_are_usage_errors(capsys, name, option, value):
+    """``--threads 0`` was a torch traceback and ``--repeats 0`` a silent default."""
+    with pytest.raises(SystemExit) as exit_info:
+        command.main([name, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected a positive integer, got '{value}'" in capsys.readouterr().err
+
+
 def test_kbnet_bench_lists_every_benchmark_with_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         command.main(["--help"])
