@@ -43,14 +43,10 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """``(x - mean) / sqrt(var + eps) · weight + bias`` over the channels of each pixel of a channels-last map (the
     biased variance, as in the official code), channels-last, in the dtype of ``x`` (float32 when PyTorch's
     LayerNorm trains under autocast). ``native_kernels``: None runs the kernels for ``AUTO_DTYPES`` where
-    ``supports(x)``, True wherever ``supports(x)``, False never (the benchmark's baseline)."""
+    ``supports(x)``, True always (a ``ValueError`` where they cannot read ``x``), False never (the benchmark's
+    baseline)."""
     if native_kernels is None:
         native_kernels = x.dtype in AUTO_DTYPES and supports(x)
-    elif native_kernels and not supports(x):
-        reason = native.unavailable_reason()
-        raise ValueError(f"the native LayerNorm kernels need a channels-last CPU map of {NATIVE_DTYPES}, outside an "
-                         f"export{f', and they are unavailable: {reason}' if reason else ''}; got a {x.device.type} "
-                         f"{x.dtype} map of strides {x.stride()}")
     if native_kernels:
         return torch.ops.kbnet.channel_layer_norm(x, weight.float(), bias.float(), eps)[0]
     device = x.device.type
@@ -62,14 +58,6 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         # Else a bf16 map with float32 parameters: statistics in float32 inside one kernel, no copy.
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
     return y.permute(0, 3, 1, 2)
-
-
-def _threads(x: torch.Tensor) -> int:
-    return max(1, min(torch.get_num_threads(), x.numel() // 2**16))
-
-
-def _suffix(x: torch.Tensor) -> str:
-    return "bf16" if x.dtype == torch.bfloat16 else "f32"
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -88,16 +76,18 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     y = torch.empty_like(x, memory_format=torch.channels_last)
     mean = torch.empty(_rows(x), dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    getattr(native._lib(), f"layer_norm_forward_{_suffix(x)}")(
+    getattr(native._lib(), f"layer_norm_forward_{native._suffix(x.dtype)}")(
         x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(), mean.data_ptr(),
-        rstd.data_ptr(), _rows(x), x.shape[1], eps, _threads(x))
+        rstd.data_ptr(), _rows(x), x.shape[1], eps, native._copy_threads(x))
     return y, mean, rstd
 
 
 def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """The kernels read raw memory: anything else than what they expect is refused before they run."""
     if not supports(x):
-        raise ValueError(f"kbnet::channel_layer_norm needs a channels-last CPU map of {NATIVE_DTYPES}; got a "
+        reason = native.unavailable_reason()
+        raise ValueError(f"kbnet::channel_layer_norm needs a channels-last CPU map of {NATIVE_DTYPES}, outside an "
+                         f"export{f', and the kernels, which are unavailable: {reason}' if reason else ''}; got a "
                          f"{x.device.type} {x.dtype} map of shape {tuple(x.shape)} and strides {x.stride()}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t.device.type != "cpu" or t.dtype != torch.float32 or t.shape != (x.shape[1],):
@@ -119,9 +109,9 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, me
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
     grad_weight = torch.empty(x.shape[1], dtype=torch.float32)
     grad_bias = torch.empty_like(grad_weight)
-    getattr(native._lib(), f"layer_norm_backward_{_suffix(x)}")(
+    getattr(native._lib(), f"layer_norm_backward_{native._suffix(x.dtype)}")(
         grad_y.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-        grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), _rows(x), x.shape[1], _threads(x))
+        grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), _rows(x), x.shape[1], native._copy_threads(x))
     return grad_x, grad_weight, grad_bias
 
 
