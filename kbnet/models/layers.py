@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kbnet.ops import kba
+from kbnet.ops.autocast import autocast_dtype
 from kbnet.ops.layer_norm import channel_layer_norm
 
 
@@ -35,18 +36,10 @@ class LayerNorm2d(nn.Module):
         return _autocast_output(self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1))
 
 
-def _autocast_low_precision(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype of ``x``'s device where autocast is on there, else ``None``."""
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
 def _autocast_output(y: torch.Tensor) -> torch.Tensor:
     """A LayerNorm's result in the autocast dtype: autocast normalises in float32 (the statistics need it), and every
     consumer of the result is a convolution that would otherwise cast the same map down again, one copy each."""
-    low = _autocast_low_precision(y)
+    low = autocast_dtype(y)
     return y if low is None else y.to(low)
 
 
@@ -93,7 +86,7 @@ class GroupedConv2d(nn.Conv2d):
 
     def _merge(self, x: torch.Tensor) -> int:
         per_group = self.in_channels // self.groups
-        low = x.dtype == torch.bfloat16 or _autocast_low_precision(x) == torch.bfloat16
+        low = x.dtype == torch.bfloat16 or autocast_dtype(x) == torch.bfloat16
         if x.device.type != "cpu" or not low or self.padding_mode != "zeros" or per_group >= MERGED_GROUP_CHANNELS \
                 or MERGED_GROUP_CHANNELS % per_group:
             return 1

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from kbnet.errors import UserError
 from kbnet.ops import kba_triton, native
+from kbnet.ops.autocast import autocast_dtype
 from kbnet.ops.kba_decomposed import kba_decomposed
 from kbnet.ops.kba_reference import kba_reference
 
@@ -351,14 +352,14 @@ def kba(x: torch.Tensor, att: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     _check(x, att, weight, bias, kernel_size, groups)
     impl = _requested(impl)
     device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if autocast:
-        dtype = torch.get_autocast_dtype(device)
+    autocast = autocast_dtype(x)
+    if autocast is not None:
+        dtype = autocast
         compute = _autocast_compute(impl, device, dtype, x.shape[1], groups)
     else:
         dtype = compute = torch.promote_types(torch.promote_types(x.dtype, att.dtype),
                                               torch.promote_types(weight.dtype, bias.dtype))
-    with torch.autocast(device, enabled=False) if autocast else nullcontext():
+    with torch.autocast(device, enabled=False) if autocast is not None else nullcontext():
         chosen = _resolve(impl, device, compute, x.shape[1], att.shape[1], groups, kernel_size)
         # The native bf16 kernels take the bases in their own dtype: rounded inside, gradients summed in float32.
         bases = chosen == "native" and compute == torch.bfloat16

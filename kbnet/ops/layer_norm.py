@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kbnet.ops import native
+from kbnet.ops.autocast import autocast_dtype
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes the kernels handle (``native_kernels=True``)."""
@@ -49,9 +50,8 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         native_kernels = x.dtype in AUTO_DTYPES and supports(x)
     if native_kernels:
         return torch.ops.kbnet.channel_layer_norm(x, weight.float(), bias.float(), eps)[0]
-    device = x.device.type
-    low = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    with torch.autocast(device, enabled=False) if low else nullcontext():
+    low = autocast_dtype(x) is not None
+    with torch.autocast(x.device.type, enabled=False) if low else nullcontext():
         if low and torch.is_grad_enabled():
             # PyTorch's mixed-dtype backward sums the weight and bias gradients in low precision (see above).
             x = x.float()
