@@ -22,28 +22,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-#endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define KBA_AMX 1
+
+#include "bf16.h"
+#include "isa.h"
+#if KBNET_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <optional>
-#else
-#define KBA_AMX 0
 #endif
-
-#include "bf16.h"
 
 namespace {
 
 // The kernels' vector: a full AVX-512 register where the build targets AVX-512 (twice the lanes and 32 instead of
 // 16 registers, so the blockings below grow with kRegisters), else 32 bytes (AVX2). The instruction set is the
 // build's: the library is compiled with -march=native on the machine that runs it.
-#ifdef __AVX512F__
+#if KBNET_AVX512
 constexpr int kVecBytes = 64;
 constexpr int kRegisters = 32;
 #else
@@ -67,9 +62,10 @@ template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, siz
 template <typename T> inline Tile<T> load_tile(const T* p) { Tile<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T> inline void store_tile(T* p, Tile<T> v) { std::memcpy(p, &v, sizeof v); }
 // Pins v to a vector register. GCC otherwise folds a load that feeds several FMAs into each FMA's memory operand,
-// one load per FMA, and the loop waits on the load ports instead of the FMA units (a no-op off x86).
+// one load per FMA, and the loop waits on the load ports instead of the FMA units (a no-op off x86 and in emulated
+// builds, whose 64-byte vectors need not fit a register).
 template <typename V> inline void in_register(V& v) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(KBNET_EMULATED_AVX512)
   asm("" : "+v"(v));
 #else
   (void)v;
@@ -141,7 +137,7 @@ struct Bf16Pair {
 };
 template <typename X> constexpr int kChannelsPer = std::is_same<X, Bf16Pair>::value ? 2 : 1;
 
-#ifdef __AVX512BF16__
+#if KBNET_AVX512_BF16
 template <typename T, int NB, int GC, int PB>
 inline void apply_bases(const Bf16Pair* x0, const int64_t* off, const Dims& d, const Bf16Pair* wn, const float* bn,
                         int64_t p, Vec<float> (&tk)[NB][GC][PB]) {
@@ -783,13 +779,15 @@ template <typename T, int GC> struct GradXW {
 KBA_ENTRY_POINTS(float, f32)
 KBA_ENTRY_POINTS(double, f64)
 
-// Instruction sets of this build: 1 = 64-byte (AVX-512) kernels, 2 = bf16 kernels (AVX512_BF16).
+// Instruction sets of this build: 1 = 64-byte (AVX-512) kernels, 2 = bf16 kernels (AVX512_BF16), 4 = their
+// intrinsics emulated (isa.h).
 extern "C" int64_t kba_isa() {
-#ifdef __AVX512BF16__
-  return 3;
+#ifdef KBNET_EMULATED_AVX512
+  constexpr int64_t emulated = 4;
 #else
-  return kVecBytes == 64 ? 1 : 0;
+  constexpr int64_t emulated = 0;
 #endif
+  return (kVecBytes == 64 ? 1 : 0) | (KBNET_AVX512_BF16 ? 2 : 0) | emulated;
 }
 
 #define KBA_IMAGE_ARGS int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t sb, int64_t sc, \
@@ -813,7 +811,7 @@ extern "C" void kba_unpack_to_bf16(const float* planes, int64_t plane, int64_t b
   unpack<float, uint16_t>(planes, plane, base, row, img, KBA_IMAGE, threads);
 }
 
-#ifdef __AVX512BF16__
+#if KBNET_AVX512_BF16
 namespace {
 template <typename T, int GC> struct ForwardBf16 {
   template <typename... A> static void run(A... args) { forward<T, GC, Bf16Pair>(args...); }
@@ -827,7 +825,7 @@ inline __m512bh load_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si
 // 16 floats rounded to bf16 (nearest even), stored as 16 consecutive bf16 values.
 inline void store_bf16(uint16_t* dst, __m512 v) { _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-#if KBA_AMX
+#if KBNET_AMX
 // AMX tiles (Sapphire Rapids and later) for the bf16 forward and grad_att: per channel group and block of 16
 // positions, the basis application is one tile matrix product
 //     T[(n,r), p] = bias[n,r] + Σ_j2 W[n,r,j2] · u[j2,p]      (rows (n,r) = n·gc + r, K = the pair-taps j2)
@@ -843,10 +841,15 @@ constexpr int kMaxKTiles = 2;   // B tiles held per block (tiles 6 and 7)
 constexpr int kCTiles = 4;      // C tiles in flight: enough to hide the tile product's latency
 constexpr uint32_t kOnes = 0x3f803f80u, kOneLow = 0x3f80u;  // bf16 pairs (1, 1) and (1, 0)
 
-// Linux hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+// Linux hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
+// emulated tiles (KBNET_EMULATED_AVX512) are plain memory.
 bool amx_permitted() {
+#ifdef KBNET_EMULATED_AVX512
+  return true;
+#else
   static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
   return permitted;
+#endif
 }
 std::atomic<bool> amx_enabled{true};
 
@@ -1229,7 +1232,7 @@ void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, 
   [[maybe_unused]] const int64_t kt = (N2 + 15) / 16;
 #pragma omp parallel num_threads(threads)
   {
-#if KBA_AMX
+#if KBNET_AMX
     std::optional<TileScope> scope;
     if (tiles) scope.emplace();
     Buffer<uint32_t> wt(tiles ? mt * kt * kTileSize : 1);
@@ -1245,7 +1248,7 @@ void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, 
             const float* wn = w + 2 * n2 * S + (q * GC + r) * J + j;
             wp[(j * GC + r) * N2 + n2] = to_bf16(wn[0]) | (2 * n2 + 1 < N ? to_bf16(wn[S]) << 16 : 0u);
           }
-#if KBA_AMX
+#if KBNET_AMX
       if (tiles) pack_grad_x_tiles(wp.data(), rows, N2, kt, wt.data());
 #endif
       dwq.zero();
@@ -1253,7 +1256,7 @@ void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, 
         const Bf16Pair* x0 = xp + (b * d.channels + q * GC) / 2 * d.chan_stride;
         const float* g0 = gp + (b * d.channels + q * GC) * Lo;
         float* dx0 = dxp + (b * d.channels + q * GC) * d.chan_stride;
-#if KBA_AMX
+#if KBNET_AMX
         if (tiles) scatter_tiles<GC>(a2 + b * N2 * Lo, N2, wt.data(), mt, kt, g0, off, dx0, Lo, J, accumulate);
         else
 #endif
@@ -1272,7 +1275,7 @@ void grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const int64_t* off, 
             }
           }
           const uint32_t* at = at2 + (b * Lo + p0) / 2 * np;
-#if KBA_AMX
+#if KBNET_AMX
           if (tiles) {
             accumulate_tiles(v.data(), vs, mt * 16, at, np, len, dwq.data());
             continue;
@@ -1338,7 +1341,7 @@ extern "C" int kba_grad_x_w_bf16(const Bf16Pair* xp, const int64_t* poff, const 
 // benchmarks compare both paths), -1 leaves them; returns whether they run (the build has AMX and Linux granted
 // the tile state).
 extern "C" int64_t kba_amx(int64_t enable) {
-#if KBA_AMX
+#if KBNET_AMX
   if (enable >= 0) amx_enabled = enable != 0;
   return amx_enabled && amx_permitted();
 #else

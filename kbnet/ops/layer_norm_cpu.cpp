@@ -15,19 +15,17 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "bf16.h"
+#include "isa.h"
 
 namespace {
 
 // GCC vector extensions, the width of the build's registers (the library is built with -march=native).
-#ifdef __AVX512F__
+#if KBNET_AVX512
 constexpr int64_t kLanes = 16;
 #else
 constexpr int64_t kLanes = 8;
@@ -46,7 +44,7 @@ inline VecF load(const float* p) {
   return v;
 }
 inline VecF load(const uint16_t* p) {  // one widening load (GCC splits __builtin_convertvector's into halves)
-#if defined(__AVX512F__)
+#if KBNET_AVX512
   return reinterpret_cast<VecF>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 #elif defined(__AVX2__)
   return reinterpret_cast<VecF>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -60,7 +58,7 @@ inline void store1(float* p, float v) { *p = v; }
 inline void store1(uint16_t* p, float v) { *p = static_cast<uint16_t>(float_to_bf16(v)); }
 inline void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 inline void store(uint16_t* p, VecF v) {
-#ifdef __AVX512BF16__
+#if KBNET_AVX512_BF16
   _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));
 #else
   const VecH narrow = __builtin_convertvector(bf16_round_bits(reinterpret_cast<VecU>(v)), VecH);

@@ -13,7 +13,8 @@ The instruction set follows the build target (``instruction_sets()``): 64-byte v
 32-byte (AVX2); with AVX512_BF16 also bf16 kernels (``vdpbf16ps``, float32 sums), so ``native_dtypes()`` gains
 bfloat16 and bf16 autocast computes KBA in bf16 (``compute_dtype``); with AMX-BF16 (and Linux granting the tile
 state) the bf16 kernels of KBNet's group sizes run their basis products on AMX tiles (``amx_disabled`` turns that
-off, for comparisons).
+off, for comparisons). ``$KBNET_NATIVE_EMULATE_AVX512=1`` builds all of that code for any x86-64 CPU with its
+intrinsics emulated (``isa.h``), so the tests run it on CPUs without those instructions.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ from pathlib import Path
 import torch
 
 SOURCES = (Path(__file__).with_name("kba_cpu.cpp"), Path(__file__).with_name("layer_norm_cpu.cpp"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "isa.h", "avx512_emulated.h"))
 """Included by the sources: part of the library's cache key."""
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 MARCH_ENV = "KBNET_NATIVE_MARCH"
 """Environment variable naming the ``-march`` target (default ``native``): the kernels pick their instruction set
 (AVX-512 with or without BF16, else AVX2) from it at compile time, so e.g. ``haswell`` builds the AVX2 code."""
+EMULATE_ENV = "KBNET_NATIVE_EMULATE_AVX512"
+"""Environment variable: ``1`` builds the AVX-512, AVX512_BF16 and AMX-BF16 kernels for any x86-64 CPU, their
+intrinsics computed in plain vector code (``isa.h``), so the tests run that code where the CPU lacks it. Slow:
+``instruction_sets()`` ends with "emulated" and the benchmarks print it."""
 GROUP_CHANNELS = (1, 2, 4, 8)
 """Channels per group with a compiled register blocking; other sizes use the PyTorch implementation."""
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -76,7 +81,12 @@ def _cpu_signature() -> str:
 
 
 def _flags() -> tuple[str, ...]:
-    return (*FLAGS, f"-march={os.environ.get(MARCH_ENV, 'native')}")
+    emulate = os.environ.get(EMULATE_ENV, "0")
+    if emulate not in ("0", "1"):
+        raise NativeBuildError(f"environment variable {EMULATE_ENV} must be 0 or 1, not {emulate!r}")
+    flags = (*FLAGS, f"-march={os.environ.get(MARCH_ENV, 'native')}")
+    # -Wno-psabi: 64-byte vectors passed between inline functions of a target without AVX-512 are no ABI concern.
+    return (*flags, "-DKBNET_EMULATED_AVX512", "-Wno-psabi") if emulate == "1" else flags
 
 
 def _build() -> Path:
@@ -162,7 +172,8 @@ def instruction_sets() -> tuple[str, ...]:
         return ()
     isa = lib.kba_isa()
     amx = bool(isa & 2) and bool(lib.kba_amx(-1))
-    return ("AVX-512",) * bool(isa & 1) + ("AVX512_BF16",) * bool(isa & 2) + ("AMX-BF16",) * amx or ("AVX2",)
+    sets = ("AVX-512",) * bool(isa & 1) + ("AVX512_BF16",) * bool(isa & 2) + ("AMX-BF16",) * amx or ("AVX2",)
+    return (*sets, "emulated") if isa & 4 else sets
 
 
 @contextlib.contextmanager
