@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kbnet.benchmarks.common import cpu_instruction_sets
+from kbnet.models import create_model
 from kbnet.ops import kba, native
 from tests.helpers import ROOT
 from tests.helpers.kba import require_bf16, require_native
@@ -147,6 +149,43 @@ def test_bf16_autocast_computes_in_bf16_and_returns_float32_gradients():
     for leaf, g in zip(leaves, expected, strict=True):
         assert leaf.grad.dtype == torch.float32
         assert torch.equal(leaf.grad, g.float())
+
+
+class _Casts(TorchDispatchMode):
+    """The shapes of the tensors ``_to_copy`` converts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", ["kbnet_s_tiny", "kbnet_l_tiny"])
+def test_a_bf16_training_step_casts_no_feature_map(model):
+    """With the bf16 kernels a bf16 autocast training step keeps every feature map in bf16 between layers: around
+    KBA, the layer norms and the element-wise operations nothing is cast. The casts left are autocast's of the
+    weights, of the image and of the loss's gradient, and KBNet_l's channel-attention matrices (autocast computes
+    softmax in float32)."""
+    require_bf16()
+    torch.manual_seed(0)
+    net = create_model(model).to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+    levels = {40 >> i for i in range(4)}  # the levels' spatial sizes; attention matrices are (heads, d, d), d ≥ 12
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.l1_loss(net(x).float(), x)
+        loss.backward()
+
+    step()  # autocast's weight cache and the kernels' scratch
+    with _Casts() as casts:
+        step()
+    maps = [shape for shape in casts.shapes if len(shape) == 4 and shape[-1] in levels and shape[-2] in levels]
+    assert maps and all(shape == tuple(x.shape) for shape in maps), maps
 
 
 def test_without_bf16_kernels_autocast_computes_in_float32(monkeypatch):
