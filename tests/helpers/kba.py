@@ -8,6 +8,13 @@ import torch
 from kbnet.ops import native
 
 
+def require_compiler() -> None:
+    try:
+        native._compiler()
+    except native.NativeBuildError as err:
+        pytest.skip(str(err))
+
+
 def require_native() -> None:
     if not native.available():
         pytest.skip(f"native KBA kernels unavailable on this machine: {native.unavailable_reason()}")

@@ -15,6 +15,7 @@ import pytest
 
 from kbnet.ops import native
 from tests.helpers import ROOT
+from tests.helpers.kba import require_compiler
 
 KERNEL_TESTS = ("tests/ops/test_kba_bf16.py", "tests/ops/test_layer_norm.py", "tests/ops/test_kba.py")
 """The bf16 kernels against the float32 ones (AMX and vdpbf16ps), the LayerNorm kernels, and KBA against the
@@ -23,13 +24,6 @@ MORE_KERNEL_TESTS = ("tests/models/test_bf16.py", "tests/ops/test_native.py", "t
 """bf16 networks end to end, the layout copies and the operator (slow: about 1.5 min more)."""
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="the emulated build is x86-64 code")
-
-
-def require_compiler() -> None:
-    try:
-        native._compiler()
-    except native.NativeBuildError as err:
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

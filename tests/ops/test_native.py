@@ -7,7 +7,7 @@ import torch
 
 import kbnet.ops.kernel_basis as kba_module
 from kbnet.ops import kba, native
-from tests.helpers.kba import require_native
+from tests.helpers.kba import require_compiler, require_native
 
 
 @pytest.fixture
@@ -24,13 +24,6 @@ def small_case(dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     return (torch.randn(1, 8, 5, 20, generator=gen, dtype=dtype), torch.randn(1, 4, 5, 20, generator=gen, dtype=dtype),
             torch.randn(1, 4, 8 * 4 * 9, generator=gen, dtype=dtype), torch.randn(1, 4, 8, generator=gen, dtype=dtype))
-
-
-def require_compiler() -> None:
-    try:
-        native._compiler()
-    except native.NativeBuildError as err:
-        pytest.skip(str(err))
 
 
 def test_builds_once_into_the_cache(fresh_build):
