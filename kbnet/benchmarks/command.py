@@ -18,6 +18,7 @@ BENCHMARKS = {
     "models": "whole backbones per preset: inference and a training step, time, memory, largest image in one piece",
     "deploy": "inference in onnxruntime vs eager vs torch.compile, and the two exported KBA formulations",
     "layer_norm": "the channel LayerNorm per level of both backbones: native kernels vs PyTorch, float32 and bf16",
+    "grouped_conv": "the fusion-coefficient convolutions per level and in whole backbones: grouped vs depthwise",
     "allocator": "glibc's default malloc vs freed memory kept for reuse: training steps, inference, faults, peak",
     "gpu": "the GPU benchmark: agreement, KBA per level, backbones, train.py throughput, launches, with targets",
 }

@@ -13,11 +13,13 @@ import torch
 from kbnet import allocator
 from kbnet.benchmarks import allocator as allocator_benchmark
 from kbnet.benchmarks import command, common
+from kbnet.benchmarks import grouped_conv as grouped_conv_benchmark
 from kbnet.benchmarks import kba as kba_benchmark
 from kbnet.benchmarks import layer_norm as layer_norm_benchmark
 from kbnet.benchmarks import models as models_benchmark
 from kbnet.benchmarks.common import bf16_kernels, cpu_model, machine_line, matmul_rates, memory_supported
 from kbnet.errors import DataError
+from kbnet.models.layers import GroupedConv2d
 from kbnet.ops import native
 from tests.helpers.tables import table_rows
 
@@ -103,6 +105,32 @@ def test_layer_norm_benchmark_quick(capsys):
                                          for batch in (1, 2) for dtype in ("float32", "bf16")]
     assert all(re.fullmatch(r"\d+\.\d\d×", row[6]) and re.fullmatch(r"\d+\.\d\d×", row[9]) for row in rows)
     assert cpu_model() in out
+
+
+def test_grouped_conv_benchmark_quick(capsys):
+    assert grouped_conv_benchmark.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    levels = [("KBNet_s", "L1/8", "8/4", 32), ("KBNet_l", "L1/8", "6/3", 32), ("KBNet_l", "L2/8", "12/3", 16)]
+    rows = table_rows(out, "KBNet_")
+    assert [row[:5] for row in rows] == [[net, level, c, f"{side}²", str(batch)] for net, level, c, side in levels
+                                         for batch in (1, 2)]
+    assert all(re.fullmatch(r"\d+\.\d\d×", row[7]) and re.fullmatch(r"\d+\.\d\d×", row[12]) for row in rows)
+    models = table_rows(out, "kbnet_")
+    assert [row[:3] for row in models] == [[name, task, shape] for name in ("kbnet_s_tiny", "kbnet_l_tiny")
+                                           for task, shape in (("inference", "16²×1"), ("train step", "16²×2"))]
+    assert cpu_model() in out
+
+
+@pytest.mark.parametrize("name", ["kbnet_s_tiny", "kbnet_l_tiny"])
+def test_grouped_conv_benchmark_compares_the_same_network(name):
+    """The "plain" backbone has no GroupedConv2d left and computes what the built one does."""
+    model = models_benchmark.build(name).eval()
+    plain = grouped_conv_benchmark.with_plain_convolutions(model)
+    assert any(type(m) is GroupedConv2d for m in model.modules())
+    assert not any(isinstance(m, GroupedConv2d) for m in plain.modules())
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_layer_norm_benchmark_refuses_a_size_without_a_deepest_level(capsys):

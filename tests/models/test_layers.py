@@ -15,6 +15,7 @@ from kbnet.models.layers import (
     KernelBasisAttention,
     LayerNorm2d,
     block_diagonal,
+    depthwise_then_sum,
     is_channels_last,
 )
 from kbnet.ops import native, use_kba
@@ -149,6 +150,50 @@ def test_grouped_conv_merges_groups_only_in_bf16_on_the_cpu(monkeypatch, case):
                 out = conv(x)
     assert merges == [4] and out.dtype == torch.bfloat16
     assert relative_error(out.float(), expected) < 2**-7
+
+
+@pytest.mark.parametrize("per_group", [2, 4, 16])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "contiguous"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_depthwise_then_sum_gives_the_grouped_convolution_and_its_gradients(per_group, channels_last, bias):
+    """One output channel per group (the fusion-coefficient convolutions: 2 to 32 inputs per group)."""
+    torch.manual_seed(0)
+    groups = 3
+    x = torch.randn(2, groups * per_group, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(groups, per_group, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(groups, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = (x, w) if b is None else (x, w, b)
+    grad = torch.randn(2, groups, 7, 9, dtype=torch.float64)
+    expected = F.conv2d(x, w, b, padding=1, groups=groups)
+    got = depthwise_then_sum(x, w, b, (1, 1), (1, 1), (1, 1))
+    assert relative_error(got, expected) < 1e-12
+    assert is_channels_last(got) == channels_last
+    for got_grad, want in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(expected, leaves, grad),
+                              strict=True):
+        assert relative_error(got_grad, want) < 1e-12
+
+
+@pytest.mark.parametrize("out_channels, groups, dtype, depthwise", [
+    (8, 8, torch.float32, True),  # fusion coefficients, float32: depthwise then sum
+    (8, 8, torch.float64, True),
+    (8, 8, torch.bfloat16, False),  # bf16: the merged groups instead
+    (32, 8, torch.float32, False),  # 4 outputs per group (KBNet_s's 5×5 convolution): plain
+])
+def test_grouped_conv_runs_one_output_per_group_as_depthwise_on_the_cpu(monkeypatch, out_channels, groups, dtype,
+                                                                       depthwise):
+    torch.manual_seed(0)
+    conv = GroupedConv2d(32, out_channels, 3, padding=1, groups=groups).to(dtype)
+    x = torch.randn(1, 32, 12, 12, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    calls = []
+    monkeypatch.setattr(layers, "depthwise_then_sum", lambda *a: calls.append(1) or depthwise_then_sum(*a))
+    with torch.no_grad():
+        out = conv(x)
+        expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1, groups=groups)
+    assert bool(calls) == depthwise
+    assert relative_error(out.double(), expected) < (2**-7 if dtype == torch.bfloat16 else 1e-6)
 
 
 @pytest.mark.parametrize("heads", [1, 2])
