@@ -64,9 +64,10 @@ def test_decomposed_is_an_implementation_of_kba():
         assert (decomposed - net(image)).abs().max().item() < 1e-5
 
 
-@pytest.fixture(scope="module", params=["kbnet_s_tiny", "kbnet_l_tiny"])
+@pytest.fixture(scope="module", params=["kbnet_s_tiny", pytest.param("kbnet_l_tiny", marks=pytest.mark.slow)])
 def exported(request, tmp_path_factory):
-    """One official-format file per tiny preset, exported to .onnx and .pt2 from one trace (messages kept)."""
+    """One official-format file per tiny preset, exported to .onnx and .pt2 from one trace (messages kept). KBNet_l's
+    export takes 1.5 minutes on 2 cores, so its tests are slow ones (``pytest -m slow``)."""
     folder = tmp_path_factory.mktemp(request.param)
     source = folder / "official.pth"
     net = save_official_checkpoint(source, request.param).eval()
