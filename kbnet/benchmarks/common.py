@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kbnet.benchmarks.command import positive_int
+from kbnet.errors import UserError
 from kbnet.ops import IMPLEMENTATIONS, native
 
 IMPORT_ROOT = Path(__file__).resolve().parents[2]
@@ -101,6 +102,12 @@ def cpu_instruction_sets() -> list[str]:
 def bf16_kernels() -> bool:
     """Whether KBA has bf16 kernels on this machine (else bf16 autocast computes KBA in float32)."""
     return torch.bfloat16 in native.native_dtypes()
+
+
+def check_level_size(size: int) -> None:
+    """Refuse an input side the backbones' levels cannot be taken at: the deepest level is 1/16 of it."""
+    if size < 16 or size % 16:
+        raise UserError(f"--size must be a multiple of 16 (the deepest level is 1/16 of it), got {size}")
 
 
 def floor_seconds(flops: float, gflops: float) -> float:

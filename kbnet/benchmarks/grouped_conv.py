@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kbnet.benchmarks.command import benchmark_parser, positive_int
-from kbnet.benchmarks.common import machine_line, matmul_rates, ms, ratio, time_calls
+from kbnet.benchmarks.common import check_level_size, machine_line, matmul_rates, ms, ratio, time_calls
 from kbnet.benchmarks.models import build, inference, training_step
 from kbnet.cli import user_errors
-from kbnet.errors import UserError
 from kbnet.markdown import markdown_table
 from kbnet.models.kbnet_l import FUSION_GROUPS as KBNET_L_GROUPS
 from kbnet.models.kbnet_s import FUSION_GROUPS as KBNET_S_GROUPS
@@ -116,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--no-models", action="store_true", help="skip the whole-backbone section")
     args = parser.parse_args(argv)
-    if args.size < 16 or args.size % 16:
-        raise UserError(f"--size must be a multiple of 16 (the deepest level is 1/16 of it), got {args.size}")
+    check_level_size(args.size)
     torch.set_num_threads(args.threads)
     setup, levels = (QUICK, QUICK_LEVELS) if args.quick else (FULL, LEVELS)
     size = setup["size"] if args.quick else args.size

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kbnet.benchmarks.command import benchmark_parser, positive_int
-from kbnet.benchmarks.common import machine_line, matmul_rates, ms, ratio, time_calls
+from kbnet.benchmarks.common import check_level_size, machine_line, matmul_rates, ms, ratio, time_calls
 from kbnet.cli import user_errors
 from kbnet.errors import UserError
 from kbnet.markdown import markdown_table
@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not native.available():
         raise UserError(f"kbnet-bench layer_norm times the native kernels, which are unavailable here: "
                         f"{native.unavailable_reason()}")
-    if args.size < 16 or args.size % 16:
-        raise UserError(f"--size must be a multiple of 16 (the deepest level is 1/16 of it), got {args.size}")
+    check_level_size(args.size)
     torch.set_num_threads(args.threads)
     levels, size = (QUICK_LEVELS, 32) if args.quick else (LEVELS, args.size)
     repeats = args.repeats or (1 if args.quick else REPEATS)

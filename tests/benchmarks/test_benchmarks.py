@@ -121,6 +121,11 @@ def test_grouped_conv_benchmark_quick(capsys):
     assert cpu_model() in out
 
 
+def test_grouped_conv_benchmark_refuses_a_size_without_a_deepest_level(capsys):
+    assert grouped_conv_benchmark.main(["--size", "200", "--no-models"]) == 2
+    assert "--size must be a multiple of 16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["kbnet_s_tiny", "kbnet_l_tiny"])
 def test_grouped_conv_benchmark_compares_the_same_network(name):
     """The "plain" backbone has no GroupedConv2d left and computes what the built one does."""
