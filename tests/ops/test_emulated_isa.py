@@ -34,16 +34,16 @@ def emulated_cache(tmp_path_factory) -> Path:
 
 def run_emulated(files: tuple[str, ...], cache: Path) -> str:
     """Runs pytest on ``files`` with the emulated kernels; returns its report after checking it passed and skipped
-    nothing for want of AVX512_BF16 or AMX."""
+    nothing (no test may skip for want of AVX512_BF16 or AMX)."""
     require_compiler()
     env = {**os.environ, native.EMULATE_ENV: "1", "KBNET_CACHE_DIR": str(cache)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files], cwd=ROOT,
-                            env=env, capture_output=True, text=True)
+    # The other -march builds are real code, compiled and compared by the native run already (20 s each here).
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
+                             "not test_other_builds", *files], cwd=ROOT, env=env, capture_output=True, text=True)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-6000:]
     skips = [line for line in report.splitlines() if line.startswith("SKIPPED")]
-    # Only builds of real bf16 code for another -march are skipped: this CPU may not run their instructions.
-    assert all("build runs AVX512_BF16 instructions" in line for line in skips), "\n".join(skips)
+    assert not skips, "\n".join(skips)
     assert re.search(r"\b\d{2,} passed", report), report[-2000:]
     return report
 
