@@ -23,7 +23,7 @@ from torch import nn
 
 from kbnet.benchmarks.command import benchmark_parser, positive_int
 from kbnet.benchmarks.common import check_level_size, machine_line, matmul_rates, ms, ratio, time_calls
-from kbnet.benchmarks.models import build, inference, training_step
+from kbnet.benchmarks.models import TRAIN_BATCH, build, inference, training_step
 from kbnet.cli import user_errors
 from kbnet.markdown import markdown_table
 from kbnet.models.kbnet_l import FUSION_GROUPS as KBNET_L_GROUPS
@@ -99,7 +99,7 @@ def model_rows(names: Sequence[str], infer: int, train: int, repeats: int) -> li
             calls = {key: inference(net.eval(), "auto", side) if task == "inference" else
                      training_step(net.train(), "auto", side) for key, net in variants.items()}
             t = {key: timing.wall for key, timing in time_calls(calls, repeats).items()}
-            shape = f"{side}²×1" if task == "inference" else f"{side}²×2"
+            shape = f"{side}²×{1 if task == 'inference' else TRAIN_BATCH}"
             table.append([name, task, shape, ms(t["as built"]), ms(t["plain"]), ratio(t["plain"], t["as built"])])
     return table
 
@@ -129,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "f+b ×"], level_rows(levels, size, (1, 2), repeats)))
     if not args.no_models:
         print(f"\nBackbones, float32: GroupedConv2d as built vs plain nn.Conv2d (the same weights). Median of "
-              f"{repeats} interleaved runs; training step = forward, L1 loss, backward, fused AdamW, batch 2. "
-              "× = plain / as built.\n")
+              f"{repeats} interleaved runs; training step = forward, L1 loss, backward, fused AdamW, batch "
+              f"{TRAIN_BATCH}. × = plain / as built.\n")
         print(markdown_table(["model", "task", "input", "as built ms", "plain ms", "×"],
                              model_rows(setup["models"], setup["infer"], setup["train"], repeats)))
     return 0
